@@ -1,0 +1,509 @@
+#include "refine_image.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <exception>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include <Eigen/Dense>
+#include <ceres/ceres.h>
+
+#include "residuals.h"
+
+namespace pixelrefine {
+namespace {
+
+// Starting R1 from the observed second moments of the clearly visible spots (median of
+// 2 (M2_obs - a/12)), with the background from the shoebox's outer ring (the ring's share
+// of the spot is ignored here; the refinement models it).
+double initial_R1(const ImageWork& work) {
+  std::vector<double> estimates;
+  double fallback = kNaN;
+  for (const ReflectionFit& rf : work.reflections) {
+    if (rf.pixel_end == rf.pixel_begin || (rf.flags & kBadPrediction)) continue;
+    if (std::isnan(fallback)) fallback = std::sqrt(2.0 * rf.a_mean);
+    double S = 0.0, noise = 0.0, m2 = 0.0;
+    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
+      S += work.signal[i];
+      noise += std::max(work.counts[i], 1.0) + work.read_noise_sq[i];
+      m2 += work.signal[i] * 0.5 * work.eps_sq[i];
+    }
+    if (S < 5.0 * std::sqrt(noise)) continue;
+    const double r1_sq = 2.0 * (m2 / S - rf.a_mean / 12.0);
+    if (r1_sq > 0.0) estimates.push_back(std::sqrt(r1_sq));
+  }
+  if (estimates.empty()) return fallback;
+  std::nth_element(estimates.begin(), estimates.begin() + estimates.size() / 2, estimates.end());
+  return estimates[estimates.size() / 2];
+}
+
+// Starting G: weighted least squares of J against B_term p pol I_ref (weights 1/var J).
+double initial_G(const ImageWork& work, const ImageParameters& params) {
+  double num = 0.0, den = 0.0;
+  for (const ReflectionFit& rf : work.reflections) {
+    if (!rf.use_intensity) continue;
+    double J, var;
+    integrate(work, rf, params.R1, &J, &var);
+    const double K =
+        intensity_model(1.0, params.B, rf.pred.d, rf.partiality, rf.pred.polarization,
+                        rf.intensity_ref);
+    num += J * K / var;
+    den += K * K / var;
+  }
+  const double G = num / den;
+  return std::isfinite(G) && G > 0.0 ? G : 1.0;
+}
+
+struct ParameterBlocks {
+  double G, B, R1, omega[3], shift;
+  void load(const ImageParameters& p) {
+    G = p.G;
+    B = p.B;
+    R1 = p.R1;
+    std::copy(p.rotation, p.rotation + 3, omega);
+    shift = p.detector_shift;
+  }
+  void store(ImageParameters& p) const {
+    p.G = G;
+    p.B = B;
+    p.R1 = R1;
+    std::copy(omega, omega + 3, p.rotation);
+    p.detector_shift = shift;
+  }
+  // Scalar values in covariance order: G, B, R1, omega, shift.
+  void values(double v[7]) const {
+    v[0] = G, v[1] = B, v[2] = R1, v[3] = omega[0], v[4] = omega[1], v[5] = omega[2], v[6] = shift;
+  }
+};
+
+ceres::LossFunction* make_loss(const RefineOptions& options) {
+  if (options.loss == "huber") return new ceres::HuberLoss(options.loss_scale);
+  if (options.loss == "cauchy") return new ceres::CauchyLoss(options.loss_scale);
+  return nullptr;
+}
+
+// Adds every residual block of the chosen objective. The functors point into `work`, whose
+// weights are re-evaluated between solves; the problem is built once per image.
+void build_problem(ceres::Problem& problem, ImageWork& work, ParameterBlocks& x,
+                   const ImageParameters& params, const RefineOptions& options,
+                   std::vector<ResidualLabel>* labels = nullptr) {
+  auto label = [&](ResidualTerm term, int64_t row, int count) {
+    if (labels) labels->insert(labels->end(), count, ResidualLabel{term, row});
+  };
+  const bool factored = options.objective == "factored";
+  problem.AddParameterBlock(&x.G, 1);
+  problem.AddParameterBlock(&x.B, 1);
+  problem.AddParameterBlock(&x.R1, 1);
+  problem.SetParameterLowerBound(&x.G, 0, 1e-12);
+  problem.SetParameterLowerBound(&x.R1, 0, 1e-12);
+  problem.SetParameterLowerBound(&x.B, 0, options.B_min);
+  problem.SetParameterUpperBound(&x.B, 0, options.B_max);
+  if (options.refine_geometry) {
+    problem.AddParameterBlock(x.omega, 3);
+    problem.AddParameterBlock(&x.shift, 1);
+    problem.AddResidualBlock(
+        new ceres::AutoDiffCostFunction<RotationPrior, 3, 3>(new RotationPrior(options.sigma_rotation)),
+        nullptr, x.omega);
+    label(kPriorTerm, -1, 3);
+    problem.AddResidualBlock(new ceres::AutoDiffCostFunction<ScalarPrior, 1, 1>(
+                                 new ScalarPrior(0.0, options.sigma_shift)),
+                             nullptr, &x.shift);
+    label(kPriorTerm, -1, 1);
+  }
+  if (std::isfinite(options.sigma_G)) {
+    problem.AddResidualBlock(
+        new ceres::AutoDiffCostFunction<ScalarPrior, 1, 1>(new ScalarPrior(1.0, options.sigma_G)),
+        nullptr, &x.G);
+    label(kPriorTerm, -1, 1);
+  }
+  for (ReflectionFit& rf : work.reflections) {
+    if (rf.pixel_end == rf.pixel_begin || (rf.flags & kBadPrediction)) continue;
+    const bool has_reference = !(rf.flags & kNoReference);
+    if (!factored) {
+      if (!has_reference) continue;
+      for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
+        problem.AddResidualBlock(new ceres::AutoDiffCostFunction<PixelResidual, 1, 1, 1, 1>(
+                                     new PixelResidual(&work, &rf, i)),
+                                 make_loss(options), &x.G, &x.B, &x.R1);
+        label(kPixelTerm, rf.row, 1);
+      }
+      continue;
+    }
+    if (has_reference) {
+      if (options.refine_geometry) {
+        problem.AddResidualBlock(
+            new ceres::AutoDiffCostFunction<IntensityGeometryResidual, 1, 1, 1, 1, 3>(
+                new IntensityGeometryResidual(&work, &rf, params.R0, options.eta)),
+            nullptr, &x.G, &x.B, &x.R1, x.omega);
+        label(kIntensityTerm, rf.row, 1);
+      } else {
+        problem.AddResidualBlock(new ceres::AutoDiffCostFunction<IntensityResidual, 1, 1, 1, 1>(
+                                     new IntensityResidual(&work, &rf)),
+                                 nullptr, &x.G, &x.B, &x.R1);
+        label(kIntensityTerm, rf.row, 1);
+      }
+    }
+    problem.AddResidualBlock(
+        new ceres::AutoDiffCostFunction<ShapeResidual, 1, 1>(new ShapeResidual(&work, &rf)),
+        nullptr, &x.R1);
+    label(kShapeTerm, rf.row, 1);
+    if (options.refine_geometry) {
+      problem.AddResidualBlock(new ceres::AutoDiffCostFunction<PositionResidual, 2, 3, 1>(
+                                   new PositionResidual(&work, &rf)),
+                               nullptr, x.omega, &x.shift);
+      label(kPositionTerm, rf.row, 2);
+    }
+  }
+}
+
+// Covariance (J^T J)^-1 of the free scalar parameters from the problem's Jacobian at the
+// current values. Returns false when J^T J is singular. Rows/columns of constant blocks are NaN.
+bool covariance_from_jacobian(ceres::Problem& problem, ParameterBlocks& x, int k, bool r1_free,
+                              Eigen::MatrixXd& covariance) {
+  std::vector<double*> blocks = {&x.G, &x.B, &x.R1};
+  std::vector<int> columns = {0, 1, 2};
+  if (!r1_free) {
+    blocks = {&x.G, &x.B};
+    columns = {0, 1};
+  }
+  if (k == 7) {
+    blocks.push_back(x.omega);
+    blocks.push_back(&x.shift);
+    for (int c = 3; c < 7; ++c) columns.push_back(c);
+  }
+  ceres::Problem::EvaluateOptions eval;
+  eval.parameter_blocks = blocks;
+  ceres::CRSMatrix jac;
+  double cost;
+  if (!problem.Evaluate(eval, &cost, nullptr, nullptr, &jac)) return false;
+  const int n = int(columns.size());
+  Eigen::MatrixXd H = Eigen::MatrixXd::Zero(n, n);
+  for (int row = 0; row < jac.num_rows; ++row) {
+    for (int a = jac.rows[row]; a < jac.rows[row + 1]; ++a) {
+      for (int b = jac.rows[row]; b < jac.rows[row + 1]; ++b) {
+        H(jac.cols[a], jac.cols[b]) += jac.values[a] * jac.values[b];
+      }
+    }
+  }
+  covariance = Eigen::MatrixXd::Constant(k, k, kNaN);
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(H);
+  if (eig.info() != Eigen::Success) return false;
+  const Eigen::VectorXd lambda = eig.eigenvalues();
+  if (!(lambda.minCoeff() > 1e-12 * lambda.maxCoeff()) || !(lambda.maxCoeff() > 0.0)) return false;
+  const Eigen::MatrixXd inverse =
+      eig.eigenvectors() * lambda.cwiseInverse().asDiagonal() * eig.eigenvectors().transpose();
+  for (int a = 0; a < n; ++a)
+    for (int b = 0; b < n; ++b) covariance(columns[a], columns[b]) = inverse(a, b);
+  return true;
+}
+
+void write_reflection_outputs(const ImageWork& work, const ImageParameters& params, bool refined,
+                              const ResultsView& out) {
+  for (const ReflectionFit& rf : work.reflections) {
+    const int64_t r = rf.row;
+    out.partiality[r] = rf.partiality;
+    out.excitation_error[r] = rf.pred.excitation_error;
+    out.d[r] = rf.pred.d;
+    out.xyzcal[2 * r] = rf.pred.x;
+    out.xyzcal[2 * r + 1] = rf.pred.y;
+    out.flags[r] = rf.flags | (refined ? 0 : kNotRefined);
+    const bool has_pixels = rf.pixel_end > rf.pixel_begin;
+    double J = kNaN, var = kNaN;
+    if (has_pixels && !(rf.flags & kBadPrediction)) integrate(work, rf, params.R1, &J, &var);
+    out.intensity_prf[r] = J;
+    out.intensity_prf_sigma[r] = std::sqrt(var);
+    out.xyzobs[2 * r] = has_pixels ? rf.x_obs : kNaN;
+    out.xyzobs[2 * r + 1] = has_pixels ? rf.y_obs : kNaN;
+    out.m2_obs[r] = has_pixels ? rf.m2_obs : kNaN;
+    out.background[r] = has_pixels ? model_background(work, rf, params.R1, J) : kNaN;
+    const double correction =
+        refined ? params.G * debye_waller_term(params.B, rf.pred.d) * rf.partiality *
+                      rf.pred.polarization
+                : kNaN;
+    out.intensity_scaled[r] = J / correction;
+    out.intensity_scaled_sigma[r] = std::sqrt(var) / correction;
+  }
+}
+
+}  // namespace
+
+void validate_options(const RefineOptions& options, const ShoeboxSetView& set) {
+  if (options.objective != "factored" && options.objective != "pixel")
+    throw std::invalid_argument("objective must be 'factored' or 'pixel', not '" +
+                                options.objective + "'");
+  if (options.objective == "pixel" && options.refine_geometry)
+    throw std::invalid_argument("refine_geometry needs the factored objective (Term 3)");
+  if (options.loss != "none" && options.loss != "huber" && options.loss != "cauchy")
+    throw std::invalid_argument("loss must be 'none', 'huber' or 'cauchy', not '" + options.loss + "'");
+  if (options.loss != "none" && options.objective != "pixel")
+    throw std::invalid_argument("a robust loss applies to the pixel objective only");
+  if (!(options.loss_scale > 0.0)) throw std::invalid_argument("loss_scale must be > 0");
+  for (int64_t i = 0; i < set.n_images; ++i) {
+    const int32_t c = set.crystal_index[i];
+    if (c >= int32_t(options.R0.size()))
+      throw std::invalid_argument("R0 has no value for crystal index " + std::to_string(c));
+  }
+  for (double r0 : options.R0)
+    if (!(r0 >= 0.0) || !std::isfinite(r0)) throw std::invalid_argument("R0 must be finite and >= 0");
+  if (!(options.eta >= 0.0) || !std::isfinite(options.eta))
+    throw std::invalid_argument("eta must be finite and >= 0");
+  if (!(options.sigma_G > 0.0)) throw std::invalid_argument("sigma_G must be > 0 (inf = no prior)");
+  if (!(options.sigma_rotation > 0.0) || !(options.sigma_shift > 0.0))
+    throw std::invalid_argument("sigma_rotation and sigma_shift must be > 0");
+  if (!(options.reference_sigma_rel >= 0.0))
+    throw std::invalid_argument("reference_sigma_rel must be >= 0");
+  if (options.max_outer < 1 || options.max_iterations < 1)
+    throw std::invalid_argument("max_outer and max_iterations must be >= 1");
+  if (!(options.B_min < options.B_max)) throw std::invalid_argument("B_min must be < B_max");
+  if (options.min_background_pixels < 1 || options.min_valid_pixels < 1)
+    throw std::invalid_argument("min_background_pixels and min_valid_pixels must be >= 1");
+  if (!(options.variance_floor > 0.0)) throw std::invalid_argument("variance_floor must be > 0");
+  if (options.R1_init < 0.0 || options.G_init < 0.0)
+    throw std::invalid_argument("R1_init and G_init must be >= 0 (0 = estimate)");
+}
+
+void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& options,
+                  const ResultsView& out) {
+  ImageWork work;
+  setup_image(set, image, options, work);
+  ImageParameters params;
+  params.R0 = options.R0[set.crystal_index[image]];
+  params.B = options.B_init;
+  update_geometry(work, params, options.eta);
+  params.R1 = options.R1_init > 0.0 ? options.R1_init : initial_R1(work);
+
+  const size_t n_refl = work.reflections.size();
+  std::vector<double> amplitude(n_refl, 0.0);  // J for reflections without a reference
+  auto refresh_amplitudes = [&]() {
+    for (size_t r = 0; r < n_refl; ++r) {
+      const ReflectionFit& rf = work.reflections[r];
+      if (rf.pixel_end == rf.pixel_begin || (rf.flags & kBadPrediction)) continue;
+      double J, var;
+      integrate(work, rf, params.R1, &J, &var);
+      amplitude[r] = J;
+    }
+  };
+  for (size_t r = 0; r < n_refl; ++r) {
+    const ReflectionFit& rf = work.reflections[r];
+    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) amplitude[r] += work.signal[i];
+  }
+  params.G = options.G_init > 0.0 ? options.G_init : 1.0;
+  update_weights(work, params, options, amplitude, /*scale_known=*/true);
+  if (!(options.G_init > 0.0)) {
+    params.G = initial_G(work, params);
+    update_weights(work, params, options, amplitude, /*scale_known=*/true);
+  }
+
+  const int k = covariance_size(options);
+  int n_usable = 0;
+  for (const ReflectionFit& rf : work.reflections) n_usable += rf.use_intensity;
+  const bool params_ok = std::isfinite(params.R1) && params.R1 > 0.0;
+  out.n_reflections[image] = n_usable;
+  if (n_usable < options.min_reflections || !params_ok) {
+    out.status[image] = kTooFewReflections;
+    out.n_iterations[image] = 0;
+    out.cost[image] = kNaN;
+    out.G[image] = out.B[image] = out.R1[image] = kNaN;
+    out.G_sigma[image] = out.B_sigma[image] = out.R1_sigma[image] = kNaN;
+    for (int i = 0; i < 3; ++i) out.rotation[3 * image + i] = out.rotation_sigma[3 * image + i] = kNaN;
+    out.detector_shift[image] = out.detector_shift_sigma[image] = kNaN;
+    std::fill(out.covariance + image * k * k, out.covariance + (image + 1) * k * k, kNaN);
+    if (params_ok) {
+      // Integrate anyway: profile fit at the starting R1, weights from the observed J.
+      refresh_amplitudes();
+      update_weights(work, params, options, amplitude, /*scale_known=*/false);
+    }
+    write_reflection_outputs(work, params, false, out);
+    return;
+  }
+
+  ceres::Problem::Options problem_options;
+  ceres::Problem problem(problem_options);
+  ParameterBlocks x;
+  x.load(params);
+  build_problem(problem, work, x, params, options);
+
+  ceres::Solver::Options solver_options;
+  solver_options.linear_solver_type = ceres::DENSE_QR;
+  solver_options.max_num_iterations = options.max_iterations;
+  solver_options.logging_type = ceres::SILENT;
+  solver_options.minimizer_progress_to_stdout = false;
+  solver_options.num_threads = 1;
+  solver_options.function_tolerance = 1e-10;
+  solver_options.parameter_tolerance = 1e-10;
+  solver_options.gradient_tolerance = 1e-12;
+
+  int status = kNotConverged;
+  int iterations = 0;
+  double cost = kNaN;
+  Eigen::MatrixXd covariance = Eigen::MatrixXd::Constant(k, k, kNaN);
+  bool covariance_ok = false;
+  bool r1_free = true;
+  for (int outer = 0; outer < options.max_outer; ++outer) {
+    if (outer > 0 && options.refine_geometry) update_geometry(work, params, options.eta);
+    update_weights(work, params, options, amplitude, /*scale_known=*/true);
+    int n_shape = 0;
+    for (const ReflectionFit& rf : work.reflections) n_shape += rf.use_shape;
+    // Without any usable second moment R1 is held (the pixel objective constrains it itself).
+    r1_free = options.objective == "pixel" || n_shape > 0;
+    if (r1_free) {
+      problem.SetParameterBlockVariable(&x.R1);
+    } else {
+      problem.SetParameterBlockConstant(&x.R1);
+    }
+    x.load(params);
+    double before[7];
+    x.values(before);
+    ceres::Solver::Summary summary;
+    ceres::Solve(solver_options, &problem, &summary);
+    iterations += int(summary.iterations.size()) - 1;
+    cost = summary.final_cost;
+    double after[7];
+    x.values(after);
+    bool finite = true;
+    for (int i = 0; i < 7; ++i) finite = finite && std::isfinite(after[i]);
+    if (summary.termination_type == ceres::FAILURE || !finite) {
+      status = kSolverFailure;
+      break;
+    }
+    x.store(params);
+    refresh_amplitudes();
+
+    bool new_outliers = false;
+    if (options.outlier_sigma > 0.0 && options.objective == "factored") {
+      for (ReflectionFit& rf : work.reflections) {
+        if (!rf.use_intensity) continue;
+        const double r1 = intensity_residual(work, rf, params.G, params.B, params.R1, rf.pred.d,
+                                             rf.partiality, rf.pred.polarization);
+        if (std::abs(r1) > options.outlier_sigma) {
+          rf.flags |= kOutlier;
+          new_outliers = true;
+        }
+      }
+    }
+    covariance_ok = covariance_from_jacobian(problem, x, k, r1_free, covariance);
+    bool settled = covariance_ok;
+    for (int i = 0; i < k && settled; ++i) {
+      if (i == 2 && !r1_free) continue;
+      settled = std::abs(after[i] - before[i]) <= options.outer_tolerance * std::sqrt(covariance(i, i));
+    }
+    if (settled && !new_outliers) {
+      status = kConverged;
+      break;
+    }
+  }
+
+  // Final state at the refined parameters: weights, background and outputs.
+  if (status != kSolverFailure) {
+    if (options.refine_geometry) update_geometry(work, params, options.eta);
+    update_weights(work, params, options, amplitude, /*scale_known=*/true);
+    refresh_amplitudes();
+  }
+  if (status == kConverged) {
+    const bool at_bound = params.G <= 1e-12 * 1.0001 || params.R1 <= 1e-12 * 1.0001 ||
+                          params.B <= options.B_min + 1e-9 || params.B >= options.B_max - 1e-9;
+    if (at_bound) status = kAtBound;
+    else if (!covariance_ok) status = kSingularCovariance;
+  }
+  const bool refined = status != kSolverFailure;
+  out.status[image] = status;
+  out.n_iterations[image] = iterations;
+  out.cost[image] = cost;
+  out.G[image] = refined ? params.G : kNaN;
+  out.B[image] = refined ? params.B : kNaN;
+  out.R1[image] = refined ? params.R1 : kNaN;
+  out.G_sigma[image] = std::sqrt(covariance(0, 0));
+  out.B_sigma[image] = std::sqrt(covariance(1, 1));
+  out.R1_sigma[image] = std::sqrt(covariance(2, 2));
+  for (int i = 0; i < 3; ++i) {
+    out.rotation[3 * image + i] = options.refine_geometry && refined ? params.rotation[i] : 0.0;
+    out.rotation_sigma[3 * image + i] = options.refine_geometry ? std::sqrt(covariance(3 + i, 3 + i)) : kNaN;
+  }
+  out.detector_shift[image] = options.refine_geometry && refined ? params.detector_shift : 0.0;
+  out.detector_shift_sigma[image] = options.refine_geometry ? std::sqrt(covariance(6, 6)) : kNaN;
+  for (int a = 0; a < k; ++a)
+    for (int b = 0; b < k; ++b) out.covariance[image * k * k + a * k + b] = covariance(a, b);
+  write_reflection_outputs(work, params, refined, out);
+}
+
+ImageEvaluation evaluate_image(const ShoeboxSetView& set, int64_t image,
+                               const RefineOptions& options, const ImageParameters& given) {
+  if (image < 0 || image >= set.n_images) throw std::invalid_argument("image outside the set");
+  validate_options(options, set);
+  ImageWork work;
+  setup_image(set, image, options, work);
+  ImageParameters params = given;
+  params.R0 = options.R0[set.crystal_index[image]];
+  update_geometry(work, params, options.eta);
+  std::vector<double> amplitude(work.reflections.size(), 0.0);
+  for (size_t r = 0; r < work.reflections.size(); ++r) {
+    const ReflectionFit& rf = work.reflections[r];
+    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) amplitude[r] += work.signal[i];
+  }
+  update_weights(work, params, options, amplitude, /*scale_known=*/true);
+
+  ImageEvaluation result;
+  result.k = covariance_size(options);
+  ceres::Problem problem;
+  ParameterBlocks x;
+  x.load(params);
+  build_problem(problem, work, x, params, options, &result.labels);
+  std::vector<double*> blocks = {&x.G, &x.B, &x.R1};
+  if (options.refine_geometry) {
+    blocks.push_back(x.omega);
+    blocks.push_back(&x.shift);
+  }
+  ceres::Problem::EvaluateOptions eval;
+  eval.parameter_blocks = blocks;
+  ceres::CRSMatrix jac;
+  double cost;
+  if (!problem.Evaluate(eval, &cost, &result.residuals, nullptr, &jac))
+    throw std::runtime_error("the problem could not be evaluated at these parameters");
+  result.jacobian.assign(size_t(jac.num_rows) * result.k, 0.0);
+  for (int row = 0; row < jac.num_rows; ++row)
+    for (int a = jac.rows[row]; a < jac.rows[row + 1]; ++a)
+      result.jacobian[size_t(row) * result.k + jac.cols[a]] = jac.values[a];
+  for (const ReflectionFit& rf : work.reflections) {
+    double J = kNaN, var;
+    if (rf.pixel_end > rf.pixel_begin && !(rf.flags & kBadPrediction))
+      integrate(work, rf, params.R1, &J, &var);
+    result.intensity_prf.push_back(J);
+  }
+  return result;
+}
+
+void refine_images(const ShoeboxSetView& set, const RefineOptions& options, int64_t first,
+                   int64_t last, int n_threads, const ResultsView& out) {
+  if (first < 0 || last > set.n_images || first > last)
+    throw std::invalid_argument("image range outside the set");
+  validate_options(options, set);
+  std::atomic<int64_t> next(first);
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto worker = [&]() {
+    for (int64_t image = next++; image < last; image = next++) {
+      try {
+        refine_image(set, image, options, out);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+        next = last;
+      }
+    }
+  };
+  const int threads = std::max(1, std::min<int>(n_threads, int(last - first)));
+  if (threads == 1) {
+    worker();
+  } else {
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) pool.emplace_back(worker);
+    for (std::thread& t : pool) t.join();
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace pixelrefine

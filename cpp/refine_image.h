@@ -1,0 +1,54 @@
+// The one place that builds and solves a problem: one Ceres problem per image, solved again
+// after each re-evaluation of the weights until they settle.
+#pragma once
+
+#include <cstdint>
+
+#include "reflection_model.h"
+#include "shoebox_view.h"
+
+namespace pixelrefine {
+
+// Number of refined parameters in the covariance: G, B, R1 (+ omega[3], shift).
+inline int covariance_size(const RefineOptions& options) {
+  return options.refine_geometry ? 7 : 3;
+}
+
+// What each scalar residual of a problem is (for tests and diagnostics).
+enum ResidualTerm : int32_t {
+  kIntensityTerm = 1,
+  kShapeTerm = 2,
+  kPositionTerm = 3,
+  kPixelTerm = 4,
+  kPriorTerm = 5
+};
+struct ResidualLabel {
+  ResidualTerm term;
+  int64_t row;  // reflection row, -1 for a prior
+};
+
+// The problem of one image evaluated at given parameters, with the weights and background
+// evaluated there too: residuals, the autodiff Jacobian (columns G, B, R1[, omega, shift])
+// and J per reflection.
+struct ImageEvaluation {
+  std::vector<double> residuals;
+  std::vector<double> jacobian;  // row-major [n_residuals, k]
+  std::vector<ResidualLabel> labels;
+  std::vector<double> intensity_prf;  // per reflection of the image (NaN if not integrated)
+  int k = 3;
+};
+ImageEvaluation evaluate_image(const ShoeboxSetView& set, int64_t image,
+                               const RefineOptions& options, const ImageParameters& params);
+
+// Checks the options against the set (R0 per crystal, objective name, ranges).
+void validate_options(const RefineOptions& options, const ShoeboxSetView& set);
+
+// Refines one image and writes its row of results and its reflections' rows.
+void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& options,
+                  const ResultsView& out);
+
+// Refines images [first, last) on n_threads threads (each image independent).
+void refine_images(const ShoeboxSetView& set, const RefineOptions& options, int64_t first,
+                   int64_t last, int n_threads, const ResultsView& out);
+
+}  // namespace pixelrefine

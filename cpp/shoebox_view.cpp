@@ -1,0 +1,124 @@
+#include "shoebox_view.h"
+
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+
+namespace pixelrefine {
+namespace {
+
+[[noreturn]] void fail(const std::string& dataset, int64_t row, const std::string& what) {
+  std::ostringstream msg;
+  msg << dataset << " row " << row << ": " << what;
+  throw std::invalid_argument(msg.str());
+}
+
+bool finite3(const double* v) {
+  return std::isfinite(v[0]) && std::isfinite(v[1]) && std::isfinite(v[2]);
+}
+
+double norm(const double* v) { return std::sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]); }
+
+constexpr double kUnitTolerance = 1e-4;
+
+}  // namespace
+
+void ShoeboxSetView::validate() {
+  if (n_panels < 1) fail("/detector/origin", 0, "the detector has no panel");
+  if (!origin || !fast_axis || !slow_axis || !pixel_size || !panel_size || !read_noise)
+    throw std::invalid_argument("/detector: a required array is missing");
+  panels.assign(n_panels, Panel{});
+  for (int64_t k = 0; k < n_panels; ++k) {
+    Panel& p = panels[k];
+    const double* o = origin + 3 * k;
+    const double* f = fast_axis + 3 * k;
+    const double* e = slow_axis + 3 * k;
+    if (!finite3(o)) fail("/detector/origin", k, "not finite");
+    if (!finite3(f) || std::abs(norm(f) - 1.0) > kUnitTolerance)
+      fail("/detector/fast_axis", k, "not a unit vector");
+    if (!finite3(e) || std::abs(norm(e) - 1.0) > kUnitTolerance)
+      fail("/detector/slow_axis", k, "not a unit vector");
+    double n[3];
+    cross3(f, e, n);
+    const double n_norm = norm(n);
+    if (n_norm < 0.5) fail("/detector/slow_axis", k, "(nearly) parallel to the fast axis");
+    if (!(pixel_size[k] > 0.0) || !std::isfinite(pixel_size[k]))
+      fail("/detector/pixel_size", k, "must be finite and > 0");
+    if (panel_size[2 * k] < 1 || panel_size[2 * k + 1] < 1)
+      fail("/detector/size", k, "must be >= 1 pixel along both axes");
+    if (!(read_noise[k] >= 0.0) || !std::isfinite(read_noise[k]))
+      fail("/detector/read_noise", k, "must be finite and >= 0");
+    for (int i = 0; i < 3; ++i) {
+      p.origin[i] = o[i];
+      p.fast[i] = f[i];
+      p.slow[i] = e[i];
+      p.normal[i] = n[i] / n_norm;
+    }
+    p.pixel_size = pixel_size[k];
+    p.read_noise = read_noise[k];
+    p.nx = panel_size[2 * k];
+    p.ny = panel_size[2 * k + 1];
+  }
+
+  if (!wavelength || !bandwidth || !A_matrix || !polarization_fraction || !crystal_index)
+    throw std::invalid_argument("/images: a required array is missing");
+  for (int64_t i = 0; i < n_images; ++i) {
+    if (!(wavelength[i] > 0.0) || !std::isfinite(wavelength[i]))
+      fail("/images/wavelength", i, "must be finite and > 0");
+    if (!(bandwidth[i] >= 0.0) || !std::isfinite(bandwidth[i]))
+      fail("/images/bandwidth", i, "must be finite and >= 0");
+    if (!(polarization_fraction[i] >= 0.0 && polarization_fraction[i] <= 1.0))
+      fail("/images/polarization_fraction", i, "must lie in [0, 1]");
+    const double* A = A_matrix + 9 * i;
+    for (int j = 0; j < 9; ++j)
+      if (!std::isfinite(A[j])) fail("/images/A_matrix", i, "not finite");
+    const double det = A[0] * (A[4] * A[8] - A[5] * A[7]) - A[1] * (A[3] * A[8] - A[5] * A[6]) +
+                       A[2] * (A[3] * A[7] - A[4] * A[6]);
+    if (!(std::abs(det) > 0.0)) fail("/images/A_matrix", i, "singular");
+    if (crystal_index[i] < 0) fail("/images/crystal_id", i, "invalid crystal index");
+  }
+
+  if (!image_id || !panel || !miller_index || !intensity_ref || !bbox || !pixel_offset ||
+      !background)
+    throw std::invalid_argument("/reflections: a required array is missing");
+  if (n_pixels > 0 && (!counts || !mask))
+    throw std::invalid_argument("/pixels: a required array is missing");
+  image_start.assign(n_images + 1, 0);
+  int64_t previous_image = 0;
+  for (int64_t r = 0; r < n_reflections; ++r) {
+    const int64_t img = image_id[r];
+    if (img < 0 || img >= n_images)
+      fail("/reflections/image_id", r, "not a row of /images (" + std::to_string(img) + ")");
+    if (img < previous_image) fail("/reflections/image_id", r, "reflections not sorted by image_id");
+    previous_image = img;
+    image_start[img + 1] += 1;
+    if (panel[r] < 0 || panel[r] >= n_panels)
+      fail("/reflections/panel", r, "not a row of /detector (" + std::to_string(panel[r]) + ")");
+    const int32_t* h = miller_index + 3 * r;
+    if (h[0] == 0 && h[1] == 0 && h[2] == 0) fail("/reflections/miller_index", r, "(0, 0, 0)");
+    const double iref = intensity_ref[r];
+    if (!std::isnan(iref) && !(iref > 0.0 && std::isfinite(iref)))
+      fail("/reflections/intensity_ref", r, "must be > 0 and finite, or NaN (no reference)");
+    const int32_t* b = bbox + 4 * r;
+    const Panel& p = panels[panel[r]];
+    if (!(b[0] < b[1] && b[2] < b[3]))
+      fail("/reflections/bbox", r, "empty box (need x0 < x1 and y0 < y1)");
+    if (b[0] < 0 || b[1] > p.nx || b[2] < 0 || b[3] > p.ny)
+      fail("/reflections/bbox", r, "outside its panel");
+    const int64_t area = int64_t(b[1] - b[0]) * int64_t(b[3] - b[2]);
+    const int64_t off = pixel_offset[r];
+    if (off < 0 || off + area > n_pixels)
+      fail("/reflections/pixel_offset", r, "shoebox runs outside /pixels");
+    if (!std::isnan(background[r]) && !std::isfinite(background[r]))
+      fail("/reflections/background", r, "must be finite or NaN");
+    for (int64_t t = off; t < off + area; ++t) {
+      if (mask[t] > 1)
+        fail("/pixels/mask", t, "value " + std::to_string(int(mask[t])) + " is not 0 or 1");
+      if (mask[t] && !std::isfinite(counts[t]))
+        fail("/pixels/counts", t, "valid pixel (mask = 1) is not finite");
+    }
+  }
+  for (int64_t i = 0; i < n_images; ++i) image_start[i + 1] += image_start[i];
+}
+
+}  // namespace pixelrefine

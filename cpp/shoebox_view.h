@@ -1,0 +1,88 @@
+// Non-owning views of a ShoeboxSet's arrays (struct of arrays, shared without copies with
+// NumPy) and of the per-image and per-reflection result arrays the core writes into.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "physics.h"
+
+namespace pixelrefine {
+
+struct ShoeboxSetView {
+  // /detector, one row per panel
+  int64_t n_panels = 0;
+  const double* origin = nullptr;      // [P, 3]
+  const double* fast_axis = nullptr;   // [P, 3]
+  const double* slow_axis = nullptr;   // [P, 3]
+  const double* pixel_size = nullptr;  // [P]
+  const int32_t* panel_size = nullptr; // [P, 2] (nx, ny)
+  const double* read_noise = nullptr;  // [P]
+  // /images, one row per still
+  int64_t n_images = 0;
+  const double* wavelength = nullptr;             // [N]
+  const double* bandwidth = nullptr;              // [N]
+  const double* A_matrix = nullptr;               // [N, 3, 3]
+  const double* polarization_fraction = nullptr;  // [N]
+  const int32_t* crystal_index = nullptr;         // [N], 0..C-1
+  // /reflections, sorted by image_id
+  int64_t n_reflections = 0;
+  const int32_t* image_id = nullptr;       // [M]
+  const int16_t* panel = nullptr;          // [M]
+  const int32_t* miller_index = nullptr;   // [M, 3]
+  const double* intensity_ref = nullptr;   // [M]
+  const int32_t* bbox = nullptr;           // [M, 4] x0, x1, y0, y1
+  const int64_t* pixel_offset = nullptr;   // [M]
+  const float* background = nullptr;       // [M], NaN = estimate
+  // /pixels
+  int64_t n_pixels = 0;
+  const float* counts = nullptr;  // [T]
+  const uint8_t* mask = nullptr;  // [T]
+
+  // Derived by validate(): panels with their normals, and the reflection rows of each image.
+  std::vector<Panel> panels;
+  std::vector<int64_t> image_start;  // [N + 1]
+
+  // Checks every value the core relies on and fills the derived members. Throws
+  // std::invalid_argument naming the dataset (as in the file format) and the first bad row.
+  void validate();
+
+  int64_t first_reflection(int64_t image) const { return image_start[image]; }
+  int64_t end_reflection(int64_t image) const { return image_start[image + 1]; }
+};
+
+// Result arrays, one row per image or per reflection, written in place by the core.
+struct ResultsView {
+  int n_params = 0;  // parameters in the covariance (3, or 7 with geometry)
+  double* G = nullptr;
+  double* G_sigma = nullptr;
+  double* B = nullptr;
+  double* B_sigma = nullptr;
+  double* R1 = nullptr;
+  double* R1_sigma = nullptr;
+  double* rotation = nullptr;        // [N, 3]
+  double* rotation_sigma = nullptr;  // [N, 3]
+  double* detector_shift = nullptr;
+  double* detector_shift_sigma = nullptr;
+  int32_t* status = nullptr;
+  int32_t* n_iterations = nullptr;
+  double* cost = nullptr;
+  int32_t* n_reflections = nullptr;
+  double* covariance = nullptr;  // [N, k, k]
+
+  double* intensity_prf = nullptr;
+  double* intensity_prf_sigma = nullptr;
+  double* intensity_scaled = nullptr;
+  double* intensity_scaled_sigma = nullptr;
+  double* partiality = nullptr;
+  double* excitation_error = nullptr;
+  double* d = nullptr;
+  double* xyzcal = nullptr;  // [M, 2]
+  double* xyzobs = nullptr;  // [M, 2]
+  double* m2_obs = nullptr;
+  double* background = nullptr;
+  int32_t* flags = nullptr;
+};
+
+}  // namespace pixelrefine

@@ -1,0 +1,302 @@
+"""HDF5 input (shoeboxes) and output (results), format version 1 (``shoebox-hdf5.md``).
+
+Readers accept any float dtype for a float column and any integer dtype for an integer one,
+chunked and compressed datasets (gzip, lzf and the hdf5plugin filters such as
+bitshuffle-LZ4), and ignore extra datasets and attributes. Anything else is refused with a
+``ShoeboxFileError`` naming the file, the dataset and, where it applies, the first bad row.
+Nothing is ever written into an input file, and no existing file is overwritten unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers bitshuffle-LZ4 and the other filters with HDF5)
+import numpy as np
+
+from .refine import FLAGS, PARAMETER_NAMES, STATUS, Results
+from .shoeboxes import Detector, Images, Pixels, Reflections, ShoeboxSet, group_fields
+
+__all__ = ["ShoeboxFileError", "read_shoeboxes", "write_shoeboxes", "read_results",
+           "write_results", "COMPRESSION"]
+
+SHOEBOX_FORMAT = "pixelrefine.shoeboxes"
+RESULTS_FORMAT = "pixelrefine.results"
+FORMAT_VERSION = 1
+
+
+class ShoeboxFileError(ValueError):
+    """A file that does not follow the format; the message names file, dataset and row."""
+
+
+# (name, kind, shape with the group's row symbol, required). kind: "f" float, "i" integer.
+INPUT_LAYOUT: dict[str, list[tuple[str, str, tuple, bool]]] = {
+    "detector": [("origin", "f", ("P", 3), True), ("fast_axis", "f", ("P", 3), True),
+                 ("slow_axis", "f", ("P", 3), True), ("pixel_size", "f", ("P",), True),
+                 ("size", "i", ("P", 2), True), ("read_noise", "f", ("P",), False)],
+    "images": [("wavelength", "f", ("N",), True), ("bandwidth", "f", ("N",), True),
+               ("A_matrix", "f", ("N", 3, 3), True),
+               ("polarization_fraction", "f", ("N",), True), ("crystal_id", "i", ("N",), False)],
+    "reflections": [("image_id", "i", ("M",), True), ("panel", "i", ("M",), False),
+                    ("miller_index", "i", ("M", 3), True), ("intensity_ref", "f", ("M",), True),
+                    ("bbox", "i", ("M", 4), True), ("pixel_offset", "i", ("M",), True),
+                    ("background", "f", ("M",), False)],
+    "pixels": [("counts", "f", ("T",), True), ("mask", "i", ("T",), True)],
+}
+
+# dtypes written (shoebox-hdf5.md); also the canonical in-memory dtypes' integer ranges.
+WRITE_DTYPES = {
+    "origin": "f8", "fast_axis": "f8", "slow_axis": "f8", "pixel_size": "f8", "size": "i4",
+    "read_noise": "f8", "wavelength": "f8", "bandwidth": "f8", "A_matrix": "f8",
+    "polarization_fraction": "f8", "crystal_id": "i4", "image_id": "i4", "panel": "i2",
+    "miller_index": "i4", "intensity_ref": "f8", "bbox": "i4", "pixel_offset": "i8",
+    "background": "f4", "counts": "f4", "mask": "u1",
+}
+
+#: Compression choices for writers: name → h5py dataset keywords.
+COMPRESSION: dict[str | None, dict[str, Any]] = {
+    None: {},
+    "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True},
+    "lzf": {"compression": "lzf", "shuffle": True},
+    "bitshuffle-lz4": dict(hdf5plugin.Bitshuffle(cname="lz4")),
+}
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray) and value.shape == ():
+        return _text(value[()])
+    return str(value)
+
+
+def _check_root(path: str, f: h5py.File, expected_format: str) -> None:
+    fmt = f.attrs.get("format")
+    if fmt is None or _text(fmt) != expected_format:
+        raise ShoeboxFileError(f"{path}: root attribute 'format' is {None if fmt is None else _text(fmt)!r}, "
+                               f"expected {expected_format!r}")
+    version = f.attrs.get("format_version")
+    if version is None or not np.issubdtype(np.asarray(version).dtype, np.integer) \
+            or np.asarray(version).size != 1:
+        raise ShoeboxFileError(f"{path}: root attribute 'format_version' must be an integer")
+    if int(np.asarray(version).reshape(-1)[0]) != FORMAT_VERSION:
+        raise ShoeboxFileError(f"{path}: format_version {int(np.asarray(version).reshape(-1)[0])} "
+                               f"is not supported (this reader reads {FORMAT_VERSION})")
+
+
+def _read_dataset(path: str, f: h5py.File, group: str, name: str, kind: str, shape: tuple,
+                  sizes: dict[str, int]) -> np.ndarray:
+    where = f"/{group}/{name}"
+    node = f[group][name]
+    if not isinstance(node, h5py.Dataset):
+        raise ShoeboxFileError(f"{path}: {where} is not a dataset")
+    dtype = node.dtype
+    if kind == "f" and dtype.kind != "f":
+        raise ShoeboxFileError(f"{path}: {where} must be a float dataset, found dtype {dtype}")
+    if kind == "i" and dtype.kind not in "iu" and not (name == "mask" and dtype.kind == "b"):
+        raise ShoeboxFileError(f"{path}: {where} must be an integer dataset, found dtype {dtype}")
+    symbol = shape[0]
+    if node.ndim != len(shape):
+        raise ShoeboxFileError(f"{path}: {where} must have {len(shape)} dimension(s), found shape {node.shape}")
+    if symbol not in sizes:
+        sizes[symbol] = node.shape[0]
+    expected = tuple(sizes[symbol] if i == 0 else n for i, n in enumerate(shape))
+    if node.shape != expected:
+        raise ShoeboxFileError(f"{path}: {where} has shape {node.shape}, expected {expected} "
+                               f"(rows must match the group's other datasets)")
+    try:
+        data = node[()]
+    except OSError as error:  # a filter that is not available, a corrupt chunk
+        raise ShoeboxFileError(f"{path}: {where} could not be read: {error}") from None
+    if kind == "i":
+        target = np.dtype(WRITE_DTYPES[name]) if name != "mask" else np.dtype("u1")
+        info = np.iinfo(target)
+        if data.size:
+            bad = np.flatnonzero(((data < info.min) | (data > info.max)).reshape(len(data), -1).any(1))
+            if bad.size:
+                raise ShoeboxFileError(f"{path}: {where} row {bad[0]}: value out of range for {target}")
+    return data
+
+
+def read_shoeboxes(path: str | os.PathLike) -> ShoeboxSet:
+    """Read and validate a shoebox file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A ``pixelrefine.shoeboxes`` HDF5 file, format version 1.
+
+    Returns
+    -------
+    ShoeboxSet
+        With ``source`` set to the path, ``truth`` filled when the file has ``/truth``.
+
+    Raises
+    ------
+    ShoeboxFileError
+        For a file that does not follow the format: names file, dataset and first bad row.
+    """
+    path = os.fspath(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as error:
+        raise ShoeboxFileError(f"{path}: not a readable HDF5 file ({error})") from None
+    with f:
+        _check_root(path, f, SHOEBOX_FORMAT)
+        sizes: dict[str, int] = {}
+        data: dict[str, dict[str, np.ndarray | None]] = {}
+        for group, layout in INPUT_LAYOUT.items():
+            if group not in f or not isinstance(f[group], h5py.Group):
+                raise ShoeboxFileError(f"{path}: missing group /{group}")
+            data[group] = {}
+            for name, kind, shape, required in layout:
+                if name not in f[group]:
+                    if required:
+                        raise ShoeboxFileError(f"{path}: missing dataset /{group}/{name}")
+                    data[group][name] = None
+                    continue
+                data[group][name] = _read_dataset(path, f, group, name, kind, shape, sizes)
+        truth = _read_truth(f) if "truth" in f else None
+    try:
+        shoeboxes = ShoeboxSet(detector=Detector(**data["detector"]), images=Images(**data["images"]),
+                               reflections=Reflections(**data["reflections"]),
+                               pixels=Pixels(**data["pixels"]), source=path, truth=truth)
+        shoeboxes.core()  # validates every value, naming dataset and row
+    except ValueError as error:
+        message = str(error)
+        raise ShoeboxFileError(message if message.startswith(path) else f"{path}: {message}") from None
+    return shoeboxes
+
+
+def _read_truth(f: h5py.File) -> dict:
+    truth: dict[str, Any] = {}
+    for name, node in f["truth"].items():
+        if isinstance(node, h5py.Group):
+            truth[name] = {k: v[()] for k, v in node.items() if isinstance(v, h5py.Dataset)}
+            truth[name].update({f"@{k}": v for k, v in node.attrs.items()})
+    truth.update({f"@{k}": v for k, v in f["truth"].attrs.items()})
+    return truth
+
+
+def _refuse_existing(path: str, overwrite: bool) -> None:
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path}: exists; refusing to overwrite (pass overwrite=True / --overwrite)")
+
+
+def _atomic_h5(path: str):
+    """A temporary HDF5 file beside ``path``; the caller renames it into place when complete."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".pixelrefine-", suffix=".h5.part", dir=directory)
+    os.close(fd)
+    return tmp
+
+
+def write_shoeboxes(path: str | os.PathLike, shoeboxes: ShoeboxSet, *, truth: dict | None = None,
+                    compression: str | None = "gzip", overwrite: bool = False) -> None:
+    """Write a shoebox file (the input format), optionally with ``/truth``.
+
+    Parameters
+    ----------
+    compression : {None, "gzip", "lzf", "bitshuffle-lz4"}
+        Filter for every dataset (chunked when not None).
+    overwrite : bool
+        Replace an existing file; never the file the set was read from.
+    """
+    path = os.fspath(path)
+    if compression not in COMPRESSION:
+        raise ValueError(f"compression must be one of {list(COMPRESSION)}, not {compression!r}")
+    _refuse_existing(path, overwrite)
+    if shoeboxes.source and os.path.exists(path) and os.path.samefile(path, shoeboxes.source):
+        raise ValueError(f"{path}: is the set's own source file; refusing to overwrite it")
+    filters = COMPRESSION[compression]
+    tmp = _atomic_h5(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = SHOEBOX_FORMAT
+            f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+            for group, obj in (("detector", shoeboxes.detector), ("images", shoeboxes.images),
+                               ("reflections", shoeboxes.reflections), ("pixels", shoeboxes.pixels)):
+                g = f.create_group(group)
+                for name, value in group_fields(obj).items():
+                    value = np.asarray(value, dtype=WRITE_DTYPES[name])
+                    g.create_dataset(name, data=value, **(filters if value.size else {}))
+            truth = truth if truth is not None else shoeboxes.truth
+            if truth:
+                t = f.create_group("truth")
+                for key, value in truth.items():
+                    if key.startswith("@"):
+                        t.attrs[key[1:]] = value
+                        continue
+                    sub = t.create_group(key)
+                    for name, arr in value.items():
+                        if name.startswith("@"):
+                            sub.attrs[name[1:]] = arr
+                        else:
+                            sub.create_dataset(name, data=np.asarray(arr))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_results(path: str | os.PathLike, results: Results, *, overwrite: bool = False) -> None:
+    """Write a results file (``pixelrefine.results``, format version 1).
+
+    Refuses to write onto the input file the results came from (whatever ``overwrite``) and
+    onto any existing file unless ``overwrite``. The file appears only when complete.
+    """
+    path = os.fspath(path)
+    if results.input_file and os.path.exists(path) and os.path.exists(results.input_file) \
+            and os.path.samefile(path, results.input_file):
+        raise ValueError(f"{path}: is the input file; pixelrefine never writes into its input")
+    _refuse_existing(path, overwrite)
+    tmp = _atomic_h5(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = RESULTS_FORMAT
+            f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+            f.attrs["package_version"] = results.package_version
+            f.attrs["objective"] = results.objective
+            f.attrs["options"] = json.dumps(results.options, sort_keys=True)
+            f.attrs["input_file"] = results.input_file or ""
+            for group, arrays in (("images", results.images), ("global", results.crystals),
+                                  ("reflections", results.reflections)):
+                g = f.create_group(group)
+                for name, value in arrays.items():
+                    g.create_dataset(name, data=value)
+            f["images/covariance"].attrs["parameter_names"] = json.dumps(results.parameter_names)
+            f["reflections/flags"].attrs["bits"] = json.dumps(
+                {str(bit): name for bit, name in FLAGS.items()})
+            f["images/status"].attrs["codes"] = json.dumps(
+                {str(code): text for code, text in STATUS.items()})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_results(path: str | os.PathLike) -> Results:
+    """Read a results file written by ``write_results``."""
+    path = os.fspath(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as error:
+        raise ShoeboxFileError(f"{path}: not a readable HDF5 file ({error})") from None
+    with f:
+        _check_root(path, f, RESULTS_FORMAT)
+        for group in ("images", "global", "reflections"):
+            if group not in f:
+                raise ShoeboxFileError(f"{path}: missing group /{group}")
+        groups = {g: {k: v[()] for k, v in f[g].items()} for g in ("images", "global", "reflections")}
+        names = f["images/covariance"].attrs.get("parameter_names")
+        parameter_names = json.loads(_text(names)) if names is not None else list(PARAMETER_NAMES[:3])
+        return Results(images=groups["images"], crystals=groups["global"],
+                       reflections=groups["reflections"], parameter_names=parameter_names,
+                       objective=_text(f.attrs.get("objective", "")),
+                       options=json.loads(_text(f.attrs.get("options", "{}"))),
+                       input_file=_text(f.attrs.get("input_file", "")) or None,
+                       package_version=_text(f.attrs.get("package_version", "")))

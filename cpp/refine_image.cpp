@@ -41,18 +41,16 @@ double initial_R1(const ImageWork& work) {
   return estimates[estimates.size() / 2];
 }
 
-// Starting G: weighted least squares of J against B_term p pol I_ref (weights 1/var J).
+// Starting G: weighted least squares of J against B_term p pol I_ref (weights 1/var J), with
+// J from the last update_weights.
 double initial_G(const ImageWork& work, const ImageParameters& params) {
   double num = 0.0, den = 0.0;
   for (const ReflectionFit& rf : work.reflections) {
     if (!rf.use_intensity) continue;
-    double J, var;
-    integrate(work, rf, params.R1, &J, &var);
-    const double K =
-        intensity_model(1.0, params.B, rf.pred.d, rf.partiality, rf.pred.polarization,
-                        rf.intensity_ref);
-    num += J * K / var;
-    den += K * K / var;
+    const double K = intensity_model(1.0, params.B, rf.pred.d, rf.partiality, rf.pred.polarization,
+                                     rf.intensity_ref);
+    num += rf.J * K / rf.J_variance;
+    den += K * K / rf.J_variance;
   }
   const double G = num / den;
   return std::isfinite(G) && G > 0.0 ? G : 1.0;
@@ -122,9 +120,8 @@ void build_problem(ceres::Problem& problem, ImageWork& work, ParameterBlocks& x,
   }
   for (ReflectionFit& rf : work.reflections) {
     if (rf.pixel_end == rf.pixel_begin || (rf.flags & kBadPrediction)) continue;
-    const bool has_reference = !(rf.flags & kNoReference);
     if (!factored) {
-      if (!has_reference) continue;
+      if (rf.flags & kNoReference) continue;
       for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
         problem.AddResidualBlock(new ceres::AutoDiffCostFunction<PixelResidual, 1, 1, 1, 1>(
                                      new PixelResidual(&work, &rf, i)),
@@ -133,23 +130,17 @@ void build_problem(ceres::Problem& problem, ImageWork& work, ParameterBlocks& x,
       }
       continue;
     }
-    if (has_reference) {
-      if (options.refine_geometry) {
-        problem.AddResidualBlock(
-            new ceres::AutoDiffCostFunction<IntensityGeometryResidual, 1, 1, 1, 1, 3>(
-                new IntensityGeometryResidual(&work, &rf, params.R0, options.eta)),
-            nullptr, &x.G, &x.B, &x.R1, x.omega);
-        label(kIntensityTerm, rf.row, 1);
-      } else {
-        problem.AddResidualBlock(new ceres::AutoDiffCostFunction<IntensityResidual, 1, 1, 1, 1>(
-                                     new IntensityResidual(&work, &rf)),
-                                 nullptr, &x.G, &x.B, &x.R1);
-        label(kIntensityTerm, rf.row, 1);
-      }
+    if (options.refine_geometry) {
+      problem.AddResidualBlock(
+          new ceres::AutoDiffCostFunction<ReflectionGeometryResidual, 2, 1, 1, 1, 3>(
+              new ReflectionGeometryResidual(&work, &rf, params.R0, options.eta)),
+          nullptr, &x.G, &x.B, &x.R1, x.omega);
+    } else {
+      problem.AddResidualBlock(new ceres::AutoDiffCostFunction<ReflectionResidual, 2, 1, 1, 1>(
+                                   new ReflectionResidual(&work, &rf)),
+                               nullptr, &x.G, &x.B, &x.R1);
     }
-    problem.AddResidualBlock(
-        new ceres::AutoDiffCostFunction<ShapeResidual, 1, 1>(new ShapeResidual(&work, &rf)),
-        nullptr, &x.R1);
+    label(kIntensityTerm, rf.row, 1);
     label(kShapeTerm, rf.row, 1);
     if (options.refine_geometry) {
       problem.AddResidualBlock(new ceres::AutoDiffCostFunction<PositionResidual, 2, 3, 1>(
@@ -201,7 +192,8 @@ bool covariance_from_jacobian(ceres::Problem& problem, ParameterBlocks& x, int k
   return true;
 }
 
-void write_reflection_outputs(const ImageWork& work, const ImageParameters& params, bool refined,
+// Per-reflection outputs from the state of the last update_weights (at the final parameters).
+void write_reflection_outputs(const ImageWork& work, const ImageParameters& params, bool scaled,
                               const ResultsView& out) {
   for (const ReflectionFit& rf : work.reflections) {
     const int64_t r = rf.row;
@@ -210,22 +202,22 @@ void write_reflection_outputs(const ImageWork& work, const ImageParameters& para
     out.d[r] = rf.pred.d;
     out.xyzcal[2 * r] = rf.pred.x;
     out.xyzcal[2 * r + 1] = rf.pred.y;
-    out.flags[r] = rf.flags | (refined ? 0 : kNotRefined);
-    const bool has_pixels = rf.pixel_end > rf.pixel_begin;
-    double J = kNaN, var = kNaN;
-    if (has_pixels && !(rf.flags & kBadPrediction)) integrate(work, rf, params.R1, &J, &var);
+    out.flags[r] = rf.flags | (scaled ? 0 : kNotRefined);
+    const bool integrated = rf.pixel_end > rf.pixel_begin && !(rf.flags & kBadPrediction);
+    const double J = integrated ? rf.J : kNaN;
+    const double sigma = integrated ? std::sqrt(rf.J_variance) : kNaN;
     out.intensity_prf[r] = J;
-    out.intensity_prf_sigma[r] = std::sqrt(var);
-    out.xyzobs[2 * r] = has_pixels ? rf.x_obs : kNaN;
-    out.xyzobs[2 * r + 1] = has_pixels ? rf.y_obs : kNaN;
-    out.m2_obs[r] = has_pixels ? rf.m2_obs : kNaN;
-    out.background[r] = has_pixels ? model_background(work, rf, params.R1, J) : kNaN;
+    out.intensity_prf_sigma[r] = sigma;
+    out.xyzobs[2 * r] = integrated ? rf.x_obs : kNaN;
+    out.xyzobs[2 * r + 1] = integrated ? rf.y_obs : kNaN;
+    out.m2_obs[r] = integrated ? rf.m2_obs : kNaN;
+    out.background[r] = integrated ? model_background(rf, J) : kNaN;
+    // intensity_scaled = J / (G B_term p pol)
     const double correction =
-        refined ? params.G * debye_waller_term(params.B, rf.pred.d) * rf.partiality *
-                      rf.pred.polarization
-                : kNaN;
+        scaled ? intensity_model(params.G, params.B, rf.pred.d, rf.partiality, rf.pred.polarization, 1.0)
+               : kNaN;
     out.intensity_scaled[r] = J / correction;
-    out.intensity_scaled_sigma[r] = std::sqrt(var) / correction;
+    out.intensity_scaled_sigma[r] = sigma / correction;
   }
 }
 
@@ -275,35 +267,18 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
   params.B = options.B_init;
   update_geometry(work, params, options.eta);
   params.R1 = options.R1_init > 0.0 ? options.R1_init : initial_R1(work);
-
-  const size_t n_refl = work.reflections.size();
-  std::vector<double> amplitude(n_refl, 0.0);  // J for reflections without a reference
-  auto refresh_amplitudes = [&]() {
-    for (size_t r = 0; r < n_refl; ++r) {
-      const ReflectionFit& rf = work.reflections[r];
-      if (rf.pixel_end == rf.pixel_begin || (rf.flags & kBadPrediction)) continue;
-      double J, var;
-      integrate(work, rf, params.R1, &J, &var);
-      amplitude[r] = J;
-    }
-  };
-  for (size_t r = 0; r < n_refl; ++r) {
-    const ReflectionFit& rf = work.reflections[r];
-    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) amplitude[r] += work.signal[i];
-  }
   params.G = options.G_init > 0.0 ? options.G_init : 1.0;
-  update_weights(work, params, options, amplitude, /*scale_known=*/true);
-  if (!(options.G_init > 0.0)) {
-    params.G = initial_G(work, params);
-    update_weights(work, params, options, amplitude, /*scale_known=*/true);
-  }
-
   const int k = covariance_size(options);
+
   int n_usable = 0;
-  for (const ReflectionFit& rf : work.reflections) n_usable += rf.use_intensity;
-  const bool params_ok = std::isfinite(params.R1) && params.R1 > 0.0;
+  const bool r1_ok = std::isfinite(params.R1) && params.R1 > 0.0;
+  if (r1_ok) {
+    update_weights(work, params, options, /*scale_known=*/true);
+    if (!(options.G_init > 0.0)) params.G = initial_G(work, params);
+    for (const ReflectionFit& rf : work.reflections) n_usable += rf.use_intensity;
+  }
   out.n_reflections[image] = n_usable;
-  if (n_usable < options.min_reflections || !params_ok) {
+  if (n_usable < options.min_reflections || !r1_ok) {
     out.status[image] = kTooFewReflections;
     out.n_iterations[image] = 0;
     out.cost[image] = kNaN;
@@ -312,17 +287,16 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
     for (int i = 0; i < 3; ++i) out.rotation[3 * image + i] = out.rotation_sigma[3 * image + i] = kNaN;
     out.detector_shift[image] = out.detector_shift_sigma[image] = kNaN;
     std::fill(out.covariance + image * k * k, out.covariance + (image + 1) * k * k, kNaN);
-    if (params_ok) {
-      // Integrate anyway: profile fit at the starting R1, weights from the observed J.
-      refresh_amplitudes();
-      update_weights(work, params, options, amplitude, /*scale_known=*/false);
+    // Integrate anyway (profile fit at the starting R1, weights from the observed J), unscaled.
+    if (r1_ok) {
+      update_weights(work, params, options, /*scale_known=*/false);
+      update_weights(work, params, options, /*scale_known=*/false);
     }
-    write_reflection_outputs(work, params, false, out);
+    write_reflection_outputs(work, params, /*scaled=*/false, out);
     return;
   }
 
-  ceres::Problem::Options problem_options;
-  ceres::Problem problem(problem_options);
+  ceres::Problem problem;
   ParameterBlocks x;
   x.load(params);
   build_problem(problem, work, x, params, options);
@@ -333,8 +307,8 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
   solver_options.logging_type = ceres::SILENT;
   solver_options.minimizer_progress_to_stdout = false;
   solver_options.num_threads = 1;
-  solver_options.function_tolerance = 1e-10;
-  solver_options.parameter_tolerance = 1e-10;
+  solver_options.function_tolerance = 1e-7;
+  solver_options.parameter_tolerance = 1e-8;
   solver_options.gradient_tolerance = 1e-12;
 
   int status = kNotConverged;
@@ -342,14 +316,30 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
   double cost = kNaN;
   Eigen::MatrixXd covariance = Eigen::MatrixXd::Constant(k, k, kNaN);
   bool covariance_ok = false;
-  bool r1_free = true;
-  for (int outer = 0; outer < options.max_outer; ++outer) {
+  bool settled = false;
+  for (int outer = 0; outer <= options.max_outer; ++outer) {
+    // Weights, sigmas and statistics at the current parameters (held within the next solve).
     if (outer > 0 && options.refine_geometry) update_geometry(work, params, options.eta);
-    update_weights(work, params, options, amplitude, /*scale_known=*/true);
+    update_weights(work, params, options, /*scale_known=*/true);
+    bool new_outliers = false;
+    if (options.outlier_sigma > 0.0 && options.objective == "factored") {
+      for (ReflectionFit& rf : work.reflections) {
+        if (rf.use_intensity && std::abs(rf.intensity_residual) > options.outlier_sigma) {
+          rf.flags |= kOutlier;
+          rf.use_intensity = false;
+          new_outliers = true;
+        }
+      }
+    }
+    if (settled && !new_outliers) {
+      status = kConverged;
+      break;
+    }
+    if (outer == options.max_outer) break;  // weights are at the final parameters
     int n_shape = 0;
     for (const ReflectionFit& rf : work.reflections) n_shape += rf.use_shape;
     // Without any usable second moment R1 is held (the pixel objective constrains it itself).
-    r1_free = options.objective == "pixel" || n_shape > 0;
+    const bool r1_free = options.objective == "pixel" || n_shape > 0;
     if (r1_free) {
       problem.SetParameterBlockVariable(&x.R1);
     } else {
@@ -371,38 +361,14 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
       break;
     }
     x.store(params);
-    refresh_amplitudes();
-
-    bool new_outliers = false;
-    if (options.outlier_sigma > 0.0 && options.objective == "factored") {
-      for (ReflectionFit& rf : work.reflections) {
-        if (!rf.use_intensity) continue;
-        const double r1 = intensity_residual(work, rf, params.G, params.B, params.R1, rf.pred.d,
-                                             rf.partiality, rf.pred.polarization);
-        if (std::abs(r1) > options.outlier_sigma) {
-          rf.flags |= kOutlier;
-          new_outliers = true;
-        }
-      }
-    }
     covariance_ok = covariance_from_jacobian(problem, x, k, r1_free, covariance);
-    bool settled = covariance_ok;
+    settled = covariance_ok;
     for (int i = 0; i < k && settled; ++i) {
       if (i == 2 && !r1_free) continue;
       settled = std::abs(after[i] - before[i]) <= options.outer_tolerance * std::sqrt(covariance(i, i));
     }
-    if (settled && !new_outliers) {
-      status = kConverged;
-      break;
-    }
   }
 
-  // Final state at the refined parameters: weights, background and outputs.
-  if (status != kSolverFailure) {
-    if (options.refine_geometry) update_geometry(work, params, options.eta);
-    update_weights(work, params, options, amplitude, /*scale_known=*/true);
-    refresh_amplitudes();
-  }
   if (status == kConverged) {
     const bool at_bound = params.G <= 1e-12 * 1.0001 || params.R1 <= 1e-12 * 1.0001 ||
                           params.B <= options.B_min + 1e-9 || params.B >= options.B_max - 1e-9;
@@ -439,12 +405,8 @@ ImageEvaluation evaluate_image(const ShoeboxSetView& set, int64_t image,
   ImageParameters params = given;
   params.R0 = options.R0[set.crystal_index[image]];
   update_geometry(work, params, options.eta);
-  std::vector<double> amplitude(work.reflections.size(), 0.0);
-  for (size_t r = 0; r < work.reflections.size(); ++r) {
-    const ReflectionFit& rf = work.reflections[r];
-    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) amplitude[r] += work.signal[i];
-  }
-  update_weights(work, params, options, amplitude, /*scale_known=*/true);
+  update_weights(work, params, options, /*scale_known=*/true);
+  update_weights(work, params, options, /*scale_known=*/true);
 
   ImageEvaluation result;
   result.k = covariance_size(options);
@@ -467,12 +429,8 @@ ImageEvaluation evaluate_image(const ShoeboxSetView& set, int64_t image,
   for (int row = 0; row < jac.num_rows; ++row)
     for (int a = jac.rows[row]; a < jac.rows[row + 1]; ++a)
       result.jacobian[size_t(row) * result.k + jac.cols[a]] = jac.values[a];
-  for (const ReflectionFit& rf : work.reflections) {
-    double J = kNaN, var;
-    if (rf.pixel_end > rf.pixel_begin && !(rf.flags & kBadPrediction))
-      integrate(work, rf, params.R1, &J, &var);
-    result.intensity_prf.push_back(J);
-  }
+  for (const ReflectionFit& rf : work.reflections)
+    result.intensity_prf.push_back(rf.pixel_end > rf.pixel_begin ? rf.J : kNaN);
   return result;
 }
 

@@ -117,6 +117,7 @@ void setup_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& 
   work.area.assign(n, 0.0);
   work.signal.assign(n, 0.0);
   work.weight.assign(n, 1.0);
+  work.profile.assign(n, 0.0);
   work.in_background.assign(n, 0);
   for (ReflectionFit& rf : work.reflections) {
     if (rf.pixel_end > rf.pixel_begin)
@@ -132,74 +133,70 @@ void update_geometry(ImageWork& work, const ImageParameters& params, double eta)
     rf.width_sq = partiality_width_sq(params.R0, eta, rf.pred.d, work.wavelength, work.bandwidth);
     rf.partiality = partiality(rf.pred.excitation_error, rf.width_sq);
     double area_sum = 0.0;
+    rf.u_sum = 0.0;
     for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
       double eps_t[2];
       tangential_offset(*rf.panel, rf.pred, work.wavelength, params.detector_shift, work.x[i],
                         work.y[i], eps_t, &work.area[i]);
       work.eps_sq[i] = eps_t[0] * eps_t[0] + eps_t[1] * eps_t[1];
       area_sum += work.area[i];
+      rf.u_sum += 0.5 * work.eps_sq[i];
     }
     const int64_t n = rf.pixel_end - rf.pixel_begin;
     rf.a_mean = n > 0 ? area_sum / n : kNaN;
   }
 }
 
-double model_background(const ImageWork& work, const ReflectionFit& rf, double R1,
-                        double amplitude) {
-  return rf.background_observed - amplitude * background_profile(work, rf, R1);
-}
-
-void integrate(const ImageWork& work, const ReflectionFit& rf, double R1, double* J,
-               double* variance) {
-  const int64_t n = rf.pixel_end - rf.pixel_begin;
-  const double pbar = background_profile(work, rf, R1);
-  thread_local std::vector<double> k;
-  k.resize(n);
-  double denominator = 0.0;
-  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-    const double P = profile_density(work.eps_sq[i], work.area[i], R1);
-    k[i - rf.pixel_begin] = work.weight[i] * P;
-    denominator += work.weight[i] * P * (P - pbar);
-  }
-  double numerator = 0.0;
-  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-    double& c = k[i - rf.pixel_begin];
-    c /= denominator;
-    numerator += c * work.signal[i];
-  }
-  *J = numerator;
-  *variance = linear_statistic_variance(work, rf, k);
+double model_background(const ReflectionFit& rf, double amplitude) {
+  return rf.background_observed - amplitude * rf.background_profile_held;
 }
 
 void update_weights(ImageWork& work, const ImageParameters& params, const RefineOptions& options,
-                    const std::vector<double>& previous_amplitude, bool scale_known) {
+                    bool scale_known) {
   thread_local std::vector<double> k;
-  for (size_t r = 0; r < work.reflections.size(); ++r) {
-    ReflectionFit& rf = work.reflections[r];
+  for (ReflectionFit& rf : work.reflections) {
     const int64_t n = rf.pixel_end - rf.pixel_begin;
     rf.use_intensity = false;
     rf.use_shape = false;
+    rf.intensity_residual = 0.0;
     if (n == 0 || (rf.flags & kBadPrediction)) continue;
     const bool has_reference = scale_known && !(rf.flags & kNoReference);
     const double j_model =
         has_reference ? intensity_model(params.G, params.B, rf.pred.d, rf.partiality,
                                         rf.pred.polarization, rf.intensity_ref)
                       : kNaN;
-    const double amplitude = has_reference ? j_model : std::max(previous_amplitude[r], 0.0);
+    if (!has_reference && std::isnan(rf.J)) {
+      double S = 0.0;  // first call: the summation estimate
+      for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) S += work.signal[i];
+      rf.J = S;
+    }
+    const double amplitude = has_reference ? j_model : std::max(rf.J, 0.0);
     rf.amplitude_expected = amplitude;
 
-    // Model variance v = max(Bg, 0) + A P + sigma_read^2 (floored), Bg = Bg_obs - A Pbar.
-    const double pbar = background_profile(work, rf, params.R1);
-    rf.background_profile_held = pbar;
-    const double background = std::max(rf.background_observed - amplitude * pbar, 0.0);
-    double excess_sum = 0.0, v_sum = 0.0, m2_model = 0.0, x_model = 0.0, y_model = 0.0;
-    double S = 0.0, m2_num = 0.0, x_num = 0.0, y_num = 0.0;
+    // The profile once per pixel, and Pbar over the background set.
+    double ring = 0.0;
     for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-      const double P = profile_density(work.eps_sq[i], work.area[i], params.R1);
+      work.profile[i] = profile_density(work.eps_sq[i], work.area[i], params.R1);
+      if (work.in_background[i]) ring += work.profile[i];
+    }
+    const double pbar = rf.n_background > 0 ? ring / rf.n_background : 0.0;
+    rf.background_profile_held = pbar;
+
+    // Model variance v = max(Bg, 0) + A P + sigma_read^2 (floored), Bg = Bg_obs - A Pbar;
+    // the sums for J; the model-expected and observed moments of I - Bg_obs.
+    const double background = std::max(model_background(rf, amplitude), 0.0);
+    double excess_sum = 0.0, v_sum = 0.0, m2_model = 0.0, x_model = 0.0, y_model = 0.0;
+    double S = 0.0, m2_num = 0.0, x_num = 0.0, y_num = 0.0, wPs = 0.0, wPP = 0.0, wP = 0.0;
+    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
+      const double P = work.profile[i];
       const double v =
           std::max(background + amplitude * P + work.read_noise_sq[i], options.variance_floor);
-      work.weight[i] = 1.0 / v;
+      const double w = 1.0 / v;
+      work.weight[i] = w;
       v_sum += v;
+      wPs += w * P * work.signal[i];
+      wPP += w * P * P;
+      wP += w * P;
       const double excess = P - pbar;  // E[I - Bg_obs] / A
       excess_sum += excess;
       m2_model += excess * 0.5 * work.eps_sq[i];
@@ -216,13 +213,19 @@ void update_weights(ImageWork& work, const ImageParameters& params, const Refine
     rf.x_offset = x_model - rf.pred.x;
     rf.y_offset = y_model - rf.pred.y;
 
-    double J, var_J;
-    integrate(work, rf, params.R1, &J, &var_J);
+    // J = sum_p k_p s_p, k_p = w_p P_p / (sum w P^2 - Pbar sum w P), and its variance.
+    const double denominator = wPP - pbar * wP;
+    k.resize(n);
+    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
+      k[i - rf.pixel_begin] = work.weight[i] * work.profile[i] / denominator;
+    rf.J = wPs / denominator;
+    rf.J_variance = linear_statistic_variance(work, rf, k);
     const double ref_var =
         has_reference ? std::pow(options.reference_sigma_rel * j_model, 2) : 0.0;
-    rf.sigma_intensity = std::sqrt(var_J + ref_var);
+    rf.sigma_intensity = std::sqrt(rf.J_variance + ref_var);
     rf.use_intensity = has_reference && !(rf.flags & kOutlier) &&
                        std::isfinite(rf.sigma_intensity) && rf.sigma_intensity > 0.0;
+    if (rf.use_intensity) rf.intensity_residual = (rf.J - j_model) / rf.sigma_intensity;
 
     // Observed first and second moments of I - Bg_obs (data only).
     rf.m2_obs = S != 0.0 ? m2_num / S : kNaN;
@@ -235,7 +238,6 @@ void update_weights(ImageWork& work, const ImageParameters& params, const Refine
     rf.use_shape = snr >= options.min_snr_shape && S > 0.0;
     if (rf.use_shape) {
       rf.flags &= ~kWeakShape;
-      k.resize(n);
       for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
         k[i - rf.pixel_begin] = (0.5 * work.eps_sq[i] - m2_model) / S_model;
       rf.sigma_m2 = std::sqrt(linear_statistic_variance(work, rf, k));

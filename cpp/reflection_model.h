@@ -49,7 +49,7 @@ struct RefineOptions {
   double sigma_shift = 1.0;            // prior shift ~ N(0, sigma_shift), mm
   int max_outer = 10;                  // reweighting rounds (Ceres solves) per image
   int max_iterations = 50;             // Levenberg-Marquardt iterations per solve
-  double outer_tolerance = 1e-3;       // settled when every parameter moves < tol * sigma
+  double outer_tolerance = 1e-2;       // settled when every parameter moves < tol * sigma
   double G_init = 0.0;                 // 0 = estimate
   double B_init = 0.0;
   double R1_init = 0.0;                // 0 = estimate from second moments
@@ -91,6 +91,7 @@ struct ReflectionFit {
   double partiality = kNaN;
   double width_sq = kNaN;  // R0_eff^2
   double a_mean = kNaN;    // mean pixel area on the sphere over the valid pixels
+  double u_sum = 0.0;      // sum of u = |eps_t|^2 / 2 over the valid pixels
 
   // Held fixed within one solve.
   double amplitude_expected = 0;  // A used in the weights (J_model, or J without reference)
@@ -99,6 +100,9 @@ struct ReflectionFit {
   double x_obs = kNaN, y_obs = kNaN, sigma_x = kNaN, sigma_y = kNaN;
   double x_offset = 0, y_offset = 0;  // expected centroid - c_pred (box truncation, ring)
   double background_profile_held = 0;  // Pbar at the solve's start (pixel objective)
+  // Evaluated with the weights, at the parameters of the last update_weights.
+  double J = kNaN, J_variance = kNaN;  // profile-fitted amplitude and its variance
+  double intensity_residual = 0.0;     // r1 (0 when Term 1 is off)
   bool use_intensity = false;     // Term 1 active
   bool use_shape = false;         // Terms 2 and 3 active
 };
@@ -112,6 +116,7 @@ struct ImageWork {
   std::vector<double> eps_sq, area;      // |eps_t|^2 and a_p at the current geometry
   std::vector<double> signal;            // s_p = I_p - Bg_obs (data only)
   std::vector<double> weight;            // w_p = 1 / v_p
+  std::vector<double> profile;           // P_p at the last update_weights
   std::vector<uint8_t> in_background;    // pixel of the background set
   std::vector<double> read_noise_sq;
 };
@@ -120,44 +125,50 @@ struct ImageWork {
 // With Bg_obs the mean of the background set, E[I_p - Bg_obs] = A (P_p - Pbar), Pbar the
 // mean profile over the set: the spot's tail in the ring is modelled, not subtracted.
 
-// Pbar = mean of P over the background set (0 when the background is given).
+// The profile sums of one reflection in a single pass over its valid pixels (one exp per
+// pixel), from which J and the model second moment follow.
 template <typename T>
-T background_profile(const ImageWork& w, const ReflectionFit& rf, const T& R1) {
-  if (rf.n_background == 0) return T(0.0);
-  T sum(0.0);
-  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
-    if (w.in_background[i]) sum += profile_density(w.eps_sq[i], w.area[i], R1);
-  return sum / double(rf.n_background);
+struct ProfileSums {
+  T wPs{0.0};   // sum w P s
+  T wPP{0.0};   // sum w P^2
+  T wP{0.0};    // sum w P
+  T P{0.0};     // sum P
+  T Pu{0.0};    // sum P u, u = |eps_t|^2 / 2
+  T pbar{0.0};  // mean P over the background set (0 when the file gives the background)
+};
+
+template <typename T>
+ProfileSums<T> profile_sums(const ImageWork& w, const ReflectionFit& rf, const T& R1) {
+  ProfileSums<T> sums;
+  T ring(0.0);
+  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
+    const T P = profile_density(w.eps_sq[i], w.area[i], R1);
+    const T wP = w.weight[i] * P;
+    sums.wPs += wP * w.signal[i];
+    sums.wPP += wP * P;
+    sums.wP += wP;
+    sums.P += P;
+    sums.Pu += P * (0.5 * w.eps_sq[i]);
+    if (w.in_background[i]) ring += P;
+  }
+  if (rf.n_background > 0) sums.pbar = ring / double(rf.n_background);
+  return sums;
 }
 
 // Profile-fitted amplitude J = sum w P (I - Bg_obs) / sum w P (P - Pbar), which is
 // conventions.md's J = sum w P (I - Bg) / sum w P^2 with the background Bg = Bg_obs - J Pbar.
 template <typename T>
-T profile_fit_amplitude(const ImageWork& w, const ReflectionFit& rf, const T& R1) {
-  const T pbar = background_profile(w, rf, R1);
-  T numerator(0.0), denominator(0.0);
-  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-    const T P = profile_density(w.eps_sq[i], w.area[i], R1);
-    const T wP = w.weight[i] * P;
-    numerator += wP * w.signal[i];
-    denominator += wP * (P - pbar);
-  }
-  return numerator / denominator;
+T profile_fit_amplitude(const ProfileSums<T>& s) {
+  return s.wPs / (s.wPP - s.pbar * s.wP);
 }
 
-// Model second moment over the valid pixels, M2 = sum (P - Pbar) |eps|^2/2 / sum (P - Pbar);
-// for a spot wholly inside its box with a known background it is R1^2/2 + a/12 (the pixel
-// term is in P, see profile_density).
+// Model second moment over the valid pixels, M2 = sum (P - Pbar) u / sum (P - Pbar); for a
+// spot wholly inside its box with a known background it is R1^2/2 + a/12 (the pixel term is
+// in P, see profile_density).
 template <typename T>
-T model_second_moment(const ImageWork& w, const ReflectionFit& rf, const T& R1) {
-  const T pbar = background_profile(w, rf, R1);
-  T numerator(0.0), denominator(0.0);
-  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-    const T excess = profile_density(w.eps_sq[i], w.area[i], R1) - pbar;
-    numerator += excess * (0.5 * w.eps_sq[i]);
-    denominator += excess;
-  }
-  return numerator / denominator;
+T model_second_moment(const ImageWork& w, const ReflectionFit& rf, const ProfileSums<T>& s) {
+  const double n = double(rf.pixel_end - rf.pixel_begin);
+  return (s.Pu - s.pbar * rf.u_sum) / (s.P - s.pbar * n);
 }
 
 // Builds the work state of one image: valid pixels and their coordinates, static flags, the
@@ -169,19 +180,13 @@ void setup_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& 
 // Reflection-level prediction and pixel-level eps_t, a_p at the given geometry.
 void update_geometry(ImageWork& work, const ImageParameters& params, double eta);
 
-// Fisher weights, sigmas, statistics and the Term gates at the given parameters.
-// previous_amplitude[r] supplies J for reflections without a reference, and for all
-// reflections when the scale is not known (scale_known = false: nothing is scaled).
+// Fisher weights, sigmas, statistics, J and the Term gates at the given parameters (one pass
+// over the pixels). J of the previous call supplies the amplitude of reflections without a
+// reference, and of all reflections when the scale is not known (scale_known = false).
 void update_weights(ImageWork& work, const ImageParameters& params, const RefineOptions& options,
-                    const std::vector<double>& previous_amplitude, bool scale_known);
+                    bool scale_known);
 
-// Flat background of the model, Bg = Bg_obs - A Pbar.
-double model_background(const ImageWork& work, const ReflectionFit& rf, double R1,
-                        double amplitude);
-
-// J at R1 with the current weights, and its variance by the delta method, including the
-// noise of Bg_obs (the mean of background pixels of the same box).
-void integrate(const ImageWork& work, const ReflectionFit& rf, double R1, double* J,
-               double* variance);
+// Flat background of the model, Bg = Bg_obs - A Pbar (Pbar at the last update_weights).
+double model_background(const ReflectionFit& rf, double amplitude);
 
 }  // namespace pixelrefine

@@ -7,68 +7,54 @@
 
 namespace pixelrefine {
 
-// Term 1 residual from J(R1) and the scale chain: r1 = (J - G B_term p pol I_ref) / sigma.
+// Terms 1 and 2 of one reflection from a single pass over its pixels:
+//   r1 = (J(R1) - G B_term p pol I_ref) / sigma_J      (0 when Term 1 is off)
+//   r2 = (M2_obs - M2_model(R1)) / sigma_M2             (0 when Term 2 is off)
+// r2 does not involve G, B or the geometry, so dr2/dG = 0 exactly.
 template <typename T, typename D>
-inline T intensity_residual(const ImageWork& work, const ReflectionFit& rf, const T& G, const T& B,
-                            const T& R1, const D& d, const D& p, const D& pol) {
-  const T J = profile_fit_amplitude(work, rf, R1);
-  return (J - intensity_model(G, B, d, p, pol, rf.intensity_ref)) / rf.sigma_intensity;
+inline void reflection_residuals(const ImageWork& work, const ReflectionFit& rf, const T& G,
+                                 const T& B, const T& R1, const D& d, const D& p, const D& pol,
+                                 T residual[2]) {
+  const ProfileSums<T> sums = profile_sums(work, rf, R1);
+  residual[0] = rf.use_intensity
+                    ? (profile_fit_amplitude(sums) - intensity_model(G, B, d, p, pol, rf.intensity_ref)) /
+                          rf.sigma_intensity
+                    : T(0.0);
+  residual[1] = rf.use_shape
+                    ? (T(rf.m2_obs) - model_second_moment(work, rf, sums)) / rf.sigma_m2
+                    : T(0.0);
 }
 
-// Term 1 with the geometry held (parameters G, B, R1).
-struct IntensityResidual {
-  IntensityResidual(const ImageWork* work, const ReflectionFit* rf) : work(work), rf(rf) {}
+// Terms 1 and 2 with the geometry held (parameters G, B, R1).
+struct ReflectionResidual {
+  ReflectionResidual(const ImageWork* work, const ReflectionFit* rf) : work(work), rf(rf) {}
   template <typename T>
   bool operator()(const T* G, const T* B, const T* R1, T* residual) const {
-    if (!rf->use_intensity) {
-      residual[0] = T(0.0);
-      return true;
-    }
-    residual[0] = intensity_residual(*work, *rf, G[0], B[0], R1[0], rf->pred.d, rf->partiality,
-                                     rf->pred.polarization);
+    reflection_residuals(*work, *rf, G[0], B[0], R1[0], rf->pred.d, rf->partiality,
+                         rf->pred.polarization, residual);
     return true;
   }
   const ImageWork* work;
   const ReflectionFit* rf;
 };
 
-// Term 1 with the crystal rotation live (parameters G, B, R1, omega): d, eps_r, p and pol
-// follow omega; the pixel-level offsets eps_t stay at the solve's starting geometry.
-struct IntensityGeometryResidual {
-  IntensityGeometryResidual(const ImageWork* work, const ReflectionFit* rf, double R0, double eta)
+// Terms 1 and 2 with the crystal rotation live (parameters G, B, R1, omega): d, eps_r, p and
+// pol follow omega; the pixel-level offsets eps_t stay at the solve's starting geometry.
+struct ReflectionGeometryResidual {
+  ReflectionGeometryResidual(const ImageWork* work, const ReflectionFit* rf, double R0, double eta)
       : work(work), rf(rf), R0(R0), eta(eta) {}
   template <typename T>
   bool operator()(const T* G, const T* B, const T* R1, const T* omega, T* residual) const {
-    if (!rf->use_intensity) {
-      residual[0] = T(0.0);
-      return true;
-    }
     const Prediction<T> pred = predict(work->A, rf->hkl, work->wavelength,
                                        work->polarization_fraction, *rf->panel, omega, T(0.0));
     const T width_sq = partiality_width_sq(T(R0), T(eta), pred.d, work->wavelength, work->bandwidth);
     const T p = partiality(pred.excitation_error, width_sq);
-    residual[0] = intensity_residual(*work, *rf, G[0], B[0], R1[0], pred.d, p, pred.polarization);
+    reflection_residuals(*work, *rf, G[0], B[0], R1[0], pred.d, p, pred.polarization, residual);
     return true;
   }
   const ImageWork* work;
   const ReflectionFit* rf;
   double R0, eta;
-};
-
-// Term 2: r2 = (M2_obs - M2_model(R1)) / sigma_M2. G is not an argument: dr2/dG = 0 exactly.
-struct ShapeResidual {
-  ShapeResidual(const ImageWork* work, const ReflectionFit* rf) : work(work), rf(rf) {}
-  template <typename T>
-  bool operator()(const T* R1, T* residual) const {
-    if (!rf->use_shape) {
-      residual[0] = T(0.0);
-      return true;
-    }
-    residual[0] = (T(rf->m2_obs) - model_second_moment(*work, *rf, R1[0])) / rf->sigma_m2;
-    return true;
-  }
-  const ImageWork* work;
-  const ReflectionFit* rf;
 };
 
 // Term 3: r3 = (c_obs - c_pred(omega, shift) - offset) / sigma_c, per pixel axis; the offset

@@ -1,0 +1,148 @@
+"""The ``pixelrefine`` command: simulate, refine, report, demo."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import click
+
+from .io import COMPRESSION, read_results, read_shoeboxes, write_results, write_shoeboxes
+from .refine import refine as refine_set
+from .report import format_report
+from .simulate import simulate as simulate_set
+
+#: The built-in default dataset of ``pixelrefine demo`` (simulated with these settings).
+DEMO_SETTINGS = {"n_images": 200, "seed": 0, "max_reflections": 200}
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict:
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--option")
+        key, value = pair.split("=", 1)
+        for convert in (int, float):
+            try:
+                options[key] = convert(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
+
+
+@click.group()
+@click.version_option(package_name="pixelrefine")
+def main() -> None:
+    """Refine serial-crystallography still images reflection by reflection."""
+
+
+@main.command()
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--images", "n_images", default=20, show_default=True, help="Number of stills.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--max-reflections", type=int, default=None, help="At most this many per image.")
+@click.option("--reference-error", default=0.05, show_default=True, help="Relative error of I_ref.")
+@click.option("--R0", "R0", default=5e-4, show_default=True, help="True partiality width (Å⁻¹).")
+@click.option("--compression", type=click.Choice([c for c in COMPRESSION if c]), default="gzip",
+              show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def simulate(output, n_images, seed, max_reflections, reference_error, R0, compression, overwrite):
+    """Simulate still images with known truth and write a shoebox file (with /truth)."""
+    shoeboxes = simulate_set(n_images, seed=seed, max_reflections=max_reflections,
+                             reference_error=reference_error, R0=R0)
+    write_shoeboxes(output, shoeboxes, compression=compression, overwrite=overwrite)
+    click.echo(f"wrote {output}: {shoeboxes.n_images} images, {shoeboxes.n_reflections} reflections")
+
+
+@main.command()
+@click.argument("input_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--R0", "R0", type=float, required=True,
+              help="Partiality width R0 (Å⁻¹), given for every crystal (not refined).")
+@click.option("--objective", type=click.Choice(["factored", "pixel"]), default="factored",
+              show_default=True)
+@click.option("--threads", default=os.cpu_count() or 1, show_default=True)
+@click.option("--sigma-G", "sigma_G", type=float, default=None, help="Prior G ~ N(1, σ_G).")
+@click.option("--reference-sigma-rel", type=float, default=0.0, show_default=True,
+              help="Relative error of I_ref, added to the intensity term's variance.")
+@click.option("--refine-geometry", is_flag=True, help="Refine rotation and detector shift (Term 3).")
+@click.option("--option", "extra", multiple=True, metavar="KEY=VALUE",
+              help="Any other refinement option (see METHODS.md), repeatable.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never the input).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+def refine(input_file, output, R0, objective, threads, sigma_G, reference_sigma_rel,
+           refine_geometry, extra, overwrite, progress):
+    """Refine every image of INPUT_FILE and write a new results file OUTPUT."""
+    if os.path.exists(output) and os.path.samefile(input_file, output):
+        raise click.UsageError(f"{output} is the input file; pixelrefine never writes into its input")
+    if os.path.exists(output) and not overwrite:
+        raise click.UsageError(f"{output} exists; pass --overwrite to replace it")
+    try:
+        shoeboxes = read_shoeboxes(input_file)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    options = _parse_options(extra)
+    if sigma_G is not None:
+        options["sigma_G"] = sigma_G
+    options.update(reference_sigma_rel=reference_sigma_rel, refine_geometry=refine_geometry)
+    start = time.perf_counter()
+    try:
+        results = refine_set(shoeboxes, R0=R0, objective=objective, n_threads=threads,
+                             progress=sys.stderr.isatty() if progress is None else progress,
+                             **options)
+    except (ValueError, TypeError) as error:
+        raise click.ClickException(str(error)) from None
+    elapsed = time.perf_counter() - start
+    write_results(output, results, overwrite=overwrite)
+    click.echo(f"refined {results.n_images} images in {elapsed:.2f} s "
+               f"({results.n_images / elapsed:.0f} images/s on {threads} thread(s)); wrote {output}")
+
+
+@main.command()
+@click.argument("results_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--shoeboxes", "shoebox_file", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="The input file: adds recovery against /truth when present.")
+def report(results_file, shoebox_file):
+    """Print a summary of a results file: parameters and their spread over images."""
+    try:
+        results = read_results(results_file)
+        shoeboxes = read_shoeboxes(shoebox_file) if shoebox_file else None
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(format_report(results, shoeboxes))
+
+
+@main.command()
+@click.option("--dir", "directory", default="demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the demo's shoebox and results files go (replaced each run).")
+@click.option("--images", "n_images", default=DEMO_SETTINGS["n_images"], show_default=True)
+@click.option("--threads", default=os.cpu_count() or 1, show_default=True)
+@click.option("--objective", type=click.Choice(["factored", "pixel"]), default="factored",
+              show_default=True)
+def demo(directory, n_images, threads, objective):
+    """Simulate the built-in default dataset, refine it, and report against the truth."""
+    os.makedirs(directory, exist_ok=True)
+    shoebox_path = os.path.join(directory, "shoeboxes.h5")
+    results_path = os.path.join(directory, f"results-{objective}.h5")
+    settings = {**DEMO_SETTINGS, "n_images": n_images}
+    click.echo(f"simulating {n_images} stills (seed {settings['seed']}) → {shoebox_path}")
+    shoeboxes = simulate_set(**settings)
+    write_shoeboxes(shoebox_path, shoeboxes, overwrite=True)
+    shoeboxes = read_shoeboxes(shoebox_path)
+    R0 = float(shoeboxes.truth["global"]["R0"][0])
+    start = time.perf_counter()
+    results = refine_set(shoeboxes, R0=R0, objective=objective, n_threads=threads,
+                         progress=sys.stderr.isatty(), reference_sigma_rel=0.05)
+    elapsed = time.perf_counter() - start
+    write_results(results_path, results, overwrite=True)
+    click.echo(f"refined {n_images} images ({objective}) in {elapsed:.2f} s on {threads} thread(s) "
+               f"→ {results_path}\n")
+    click.echo(format_report(read_results(results_path), shoeboxes))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

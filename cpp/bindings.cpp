@@ -229,19 +229,25 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "evaluate_image",
-      [](const CoreShoeboxSet& set, const RefineOptions& options, int64_t image, double G,
-         double B, double R1, std::vector<double> rotation, double detector_shift) {
-        if (rotation.size() != 3) throw std::invalid_argument("rotation must have 3 values");
-        ImageParameters params;
-        params.G = G;
-        params.B = B;
-        params.R1 = R1;
-        std::copy(rotation.begin(), rotation.end(), params.rotation);
-        params.detector_shift = detector_shift;
+      [](const CoreShoeboxSet& set, const RefineOptions& options, int64_t image,
+         std::vector<double> values, std::vector<double> weights_at) {
+        // values, weights_at: G, B, R1, omega_x, omega_y, omega_z, detector_shift
+        auto parameters = [](const std::vector<double>& v, const char* name) {
+          if (v.size() != 7) throw std::invalid_argument(std::string(name) + " must have 7 values");
+          ImageParameters p;
+          p.G = v[0];
+          p.B = v[1];
+          p.R1 = v[2];
+          std::copy(v.begin() + 3, v.begin() + 6, p.rotation);
+          p.detector_shift = v[6];
+          return p;
+        };
+        const ImageParameters params = parameters(values, "values");
+        const ImageParameters held = parameters(weights_at.empty() ? values : weights_at, "weights_at");
         ImageEvaluation e;
         {
           py::gil_scoped_release release;
-          e = evaluate_image(set.view(), image, options, params);
+          e = evaluate_image(set.view(), image, options, params, held);
         }
         const py::ssize_t n = py::ssize_t(e.residuals.size());
         Array<int32_t> term(n), row(n);
@@ -258,11 +264,11 @@ PYBIND11_MODULE(_core, m) {
             Array<double>(py::ssize_t(e.intensity_prf.size()), e.intensity_prf.data());
         return out;
       },
-      py::arg("shoeboxes"), py::arg("options"), py::arg("image"), py::arg("G"), py::arg("B"),
-      py::arg("R1"), py::arg("rotation") = std::vector<double>{0.0, 0.0, 0.0},
-      py::arg("detector_shift") = 0.0,
+      py::arg("shoeboxes"), py::arg("options"), py::arg("image"), py::arg("values"),
+      py::arg("weights_at") = std::vector<double>{},
       "Residuals, autodiff Jacobian (columns G, B, R1[, omega, shift]), their terms and rows, "
-      "and J per reflection of one image, with weights evaluated at the given parameters.");
+      "and J per reflection of one image at values = (G, B, R1, omega[3], shift), with weights "
+      "evaluated at weights_at (default: values).");
 
   m.def(
       "predict",

@@ -296,9 +296,12 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
     return;
   }
 
-  ceres::Problem problem;
   ParameterBlocks x;
   x.load(params);
+  BackgroundProfileCallback background_profile(&work, &x.R1);
+  ceres::Problem::Options problem_options;
+  if (options.objective == "pixel") problem_options.evaluation_callback = &background_profile;
+  ceres::Problem problem(problem_options);
   build_problem(problem, work, x, params, options);
 
   ceres::Solver::Options solver_options;
@@ -317,10 +320,15 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
   Eigen::MatrixXd covariance = Eigen::MatrixXd::Constant(k, k, kNaN);
   bool covariance_ok = false;
   bool settled = false;
+  // Weights are evaluated at `held`; each solve gives `params`. The next weights are taken at
+  // the new solution, or half-way to it when the step reverses the previous one (a damped
+  // fixed-point iteration: reweighting can otherwise alternate between two states).
+  ImageParameters held = params;
+  double previous_step[7] = {0, 0, 0, 0, 0, 0, 0};
   for (int outer = 0; outer <= options.max_outer; ++outer) {
-    // Weights, sigmas and statistics at the current parameters (held within the next solve).
-    if (outer > 0 && options.refine_geometry) update_geometry(work, params, options.eta);
-    update_weights(work, params, options, /*scale_known=*/true);
+    // Weights, sigmas and statistics at `held` (fixed within the next solve).
+    if (outer > 0 && options.refine_geometry) update_geometry(work, held, options.eta);
+    update_weights(work, held, options, /*scale_known=*/true);
     bool new_outliers = false;
     if (options.outlier_sigma > 0.0 && options.objective == "factored") {
       for (ReflectionFit& rf : work.reflections) {
@@ -346,14 +354,15 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
       problem.SetParameterBlockConstant(&x.R1);
     }
     x.load(params);
-    double before[7];
-    x.values(before);
     ceres::Solver::Summary summary;
     ceres::Solve(solver_options, &problem, &summary);
     iterations += int(summary.iterations.size()) - 1;
     cost = summary.final_cost;
-    double after[7];
+    double after[7], before[7];
     x.values(after);
+    ParameterBlocks weights_blocks;
+    weights_blocks.load(held);
+    weights_blocks.values(before);
     bool finite = true;
     for (int i = 0; i < 7; ++i) finite = finite && std::isfinite(after[i]);
     if (summary.termination_type == ceres::FAILURE || !finite) {
@@ -363,10 +372,25 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
     x.store(params);
     covariance_ok = covariance_from_jacobian(problem, x, k, r1_free, covariance);
     settled = covariance_ok;
-    for (int i = 0; i < k && settled; ++i) {
+    double step[7] = {0, 0, 0, 0, 0, 0, 0}, reversal = 0.0;
+    for (int i = 0; i < k; ++i) {
       if (i == 2 && !r1_free) continue;
-      settled = std::abs(after[i] - before[i]) <= options.outer_tolerance * std::sqrt(covariance(i, i));
+      const double sigma = std::sqrt(covariance(i, i));
+      step[i] = (after[i] - before[i]) / sigma;
+      reversal += step[i] * previous_step[i];
+      settled = settled && std::abs(step[i]) <= options.outer_tolerance;
     }
+    const bool damp = covariance_ok && !settled && reversal < 0.0;
+    held = params;
+    if (damp) {
+      held.G = 0.5 * (before[0] + after[0]);
+      held.B = 0.5 * (before[1] + after[1]);
+      held.R1 = 0.5 * (before[2] + after[2]);
+      for (int i = 0; i < 3; ++i) held.rotation[i] = 0.5 * (before[3 + i] + after[3 + i]);
+      held.detector_shift = 0.5 * (before[6] + after[6]);
+      for (double& v : step) v *= 0.5;
+    }
+    std::copy(step, step + 7, previous_step);
   }
 
   if (status == kConverged) {
@@ -397,22 +421,28 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
 }
 
 ImageEvaluation evaluate_image(const ShoeboxSetView& set, int64_t image,
-                               const RefineOptions& options, const ImageParameters& given) {
+                               const RefineOptions& options, const ImageParameters& given,
+                               const ImageParameters& weights_at) {
   if (image < 0 || image >= set.n_images) throw std::invalid_argument("image outside the set");
   validate_options(options, set);
   ImageWork work;
   setup_image(set, image, options, work);
+  ImageParameters held = weights_at;
+  held.R0 = options.R0[set.crystal_index[image]];
+  update_geometry(work, held, options.eta);
+  update_weights(work, held, options, /*scale_known=*/true);
+  update_weights(work, held, options, /*scale_known=*/true);
   ImageParameters params = given;
-  params.R0 = options.R0[set.crystal_index[image]];
-  update_geometry(work, params, options.eta);
-  update_weights(work, params, options, /*scale_known=*/true);
-  update_weights(work, params, options, /*scale_known=*/true);
+  params.R0 = held.R0;
 
   ImageEvaluation result;
   result.k = covariance_size(options);
-  ceres::Problem problem;
   ParameterBlocks x;
   x.load(params);
+  BackgroundProfileCallback background_profile(&work, &x.R1);
+  ceres::Problem::Options problem_options;
+  if (options.objective == "pixel") problem_options.evaluation_callback = &background_profile;
+  ceres::Problem problem(problem_options);
   build_problem(problem, work, x, params, options, &result.labels);
   std::vector<double*> blocks = {&x.G, &x.B, &x.R1};
   if (options.refine_geometry) {

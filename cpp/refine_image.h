@@ -37,8 +37,11 @@ struct ImageEvaluation {
   std::vector<double> intensity_prf;  // per reflection of the image (NaN if not integrated)
   int k = 3;
 };
+// weights_at: the parameters at which weights, sigmas and statistics are evaluated (as at the
+// start of a solve); the residuals and Jacobian are evaluated at params.
 ImageEvaluation evaluate_image(const ShoeboxSetView& set, int64_t image,
-                               const RefineOptions& options, const ImageParameters& params);
+                               const RefineOptions& options, const ImageParameters& params,
+                               const ImageParameters& weights_at);
 
 // Checks the options against the set (R0 per crystal, objective name, ranges).
 void validate_options(const RefineOptions& options, const ShoeboxSetView& set);

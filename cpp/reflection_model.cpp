@@ -147,6 +147,26 @@ void update_geometry(ImageWork& work, const ImageParameters& params, double eta)
   }
 }
 
+void update_background_profile(ImageWork& work, double R1) {
+  for (ReflectionFit& rf : work.reflections) {
+    rf.background_profile_r1 = R1;
+    rf.background_profile_live = 0.0;
+    rf.background_profile_slope = 0.0;
+    if (rf.n_background == 0) continue;
+    double value = 0.0, slope = 0.0;
+    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
+      if (!work.in_background[i]) continue;
+      // P = a exp(-e/W) / (pi W), W = R1^2 + a/6: dP/dR1 = P (e/W^2 - 1/W) 2 R1.
+      const double W = R1 * R1 + work.area[i] / 6.0;
+      const double P = profile_density(work.eps_sq[i], work.area[i], R1);
+      value += P;
+      slope += P * (work.eps_sq[i] / (W * W) - 1.0 / W) * 2.0 * R1;
+    }
+    rf.background_profile_live = value / rf.n_background;
+    rf.background_profile_slope = slope / rf.n_background;
+  }
+}
+
 double model_background(const ReflectionFit& rf, double amplitude) {
   return rf.background_observed - amplitude * rf.background_profile_held;
 }
@@ -165,7 +185,7 @@ void update_weights(ImageWork& work, const ImageParameters& params, const Refine
         has_reference ? intensity_model(params.G, params.B, rf.pred.d, rf.partiality,
                                         rf.pred.polarization, rf.intensity_ref)
                       : kNaN;
-    if (!has_reference && std::isnan(rf.J)) {
+    if (std::isnan(rf.J)) {
       double S = 0.0;  // first call: the summation estimate
       for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) S += work.signal[i];
       rf.J = S;
@@ -182,9 +202,11 @@ void update_weights(ImageWork& work, const ImageParameters& params, const Refine
     const double pbar = rf.n_background > 0 ? ring / rf.n_background : 0.0;
     rf.background_profile_held = pbar;
 
-    // Model variance v = max(Bg, 0) + A P + sigma_read^2 (floored), Bg = Bg_obs - A Pbar;
-    // the sums for J; the model-expected and observed moments of I - Bg_obs.
-    const double background = std::max(model_background(rf, amplitude), 0.0);
+    // Model variance v = max(Bg, 0) + A P + sigma_read^2 (floored). The flat background is the
+    // data's, Bg = Bg_obs - J Pbar with J the previous profile fit (the reference sets the
+    // expected signal A P, not the background; an A far above the data must not push Bg < 0).
+    // Then the sums for J; the model-expected and observed moments of I - Bg_obs.
+    const double background = std::max(model_background(rf, std::max(rf.J, 0.0)), 0.0);
     double excess_sum = 0.0, v_sum = 0.0, m2_model = 0.0, x_model = 0.0, y_model = 0.0;
     double S = 0.0, m2_num = 0.0, x_num = 0.0, y_num = 0.0, wPs = 0.0, wPP = 0.0, wP = 0.0;
     for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {

@@ -99,7 +99,10 @@ struct ReflectionFit {
   double m2_obs = kNaN, sigma_m2 = kNaN;
   double x_obs = kNaN, y_obs = kNaN, sigma_x = kNaN, sigma_y = kNaN;
   double x_offset = 0, y_offset = 0;  // expected centroid - c_pred (box truncation, ring)
-  double background_profile_held = 0;  // Pbar at the solve's start (pixel objective)
+  double background_profile_held = 0;  // Pbar at the last update_weights
+  // Pbar and dPbar/dR1 at R1 = background_profile_r1, set before each evaluation of the
+  // pixel objective (BackgroundProfileCallback).
+  double background_profile_live = 0, background_profile_slope = 0, background_profile_r1 = 0;
   // Evaluated with the weights, at the parameters of the last update_weights.
   double J = kNaN, J_variance = kNaN;  // profile-fitted amplitude and its variance
   double intensity_residual = 0.0;     // r1 (0 when Term 1 is off)
@@ -185,6 +188,9 @@ void update_geometry(ImageWork& work, const ImageParameters& params, double eta)
 // reference, and of all reflections when the scale is not known (scale_known = false).
 void update_weights(ImageWork& work, const ImageParameters& params, const RefineOptions& options,
                     bool scale_known);
+
+// Sets every reflection's Pbar(R1) and dPbar/dR1 at the given R1 (analytic derivative).
+void update_background_profile(ImageWork& work, double R1);
 
 // Flat background of the model, Bg = Bg_obs - A Pbar (Pbar at the last update_weights).
 double model_background(const ReflectionFit& rf, double amplitude);

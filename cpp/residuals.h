@@ -3,6 +3,8 @@
 // held fixed within a solve. Each functor keeps a pointer to state that outlives the problem.
 #pragma once
 
+#include <ceres/evaluation_callback.h>
+
 #include "reflection_model.h"
 
 namespace pixelrefine {
@@ -79,8 +81,10 @@ struct PositionResidual {
 };
 
 // Baseline per-pixel objective: r_p = (I_p - mu_p) / sqrt(v_p), mu_p = Bg + J_model P_p, with
-// Bg = Bg_obs - J_model Pbar: r_p = (s_p - J_model (P_p - Pbar)) / sqrt(v_p), Pbar held within
-// a solve (one residual block per pixel, so that a Ceres loss function applies per pixel).
+// Bg = Bg_obs - J_model Pbar: r_p = (s_p - J_model (P_p - Pbar(R1))) / sqrt(v_p). One residual
+// block per pixel, so that a Ceres loss function applies per pixel; Pbar(R1), shared by the
+// pixels of a reflection, is computed once per evaluation by BackgroundProfileCallback with
+// its derivative, and enters here to first order about that point (exact there).
 struct PixelResidual {
   PixelResidual(const ImageWork* work, const ReflectionFit* rf, int64_t pixel)
       : work(work), rf(rf), pixel(pixel) {}
@@ -93,13 +97,29 @@ struct PixelResidual {
     const T j_model = intensity_model(G[0], B[0], rf->pred.d, rf->partiality,
                                       rf->pred.polarization, rf->intensity_ref);
     const T P = profile_density(work->eps_sq[pixel], work->area[pixel], R1[0]);
-    residual[0] = (work->signal[pixel] - j_model * (P - rf->background_profile_held)) *
-                  std::sqrt(work->weight[pixel]);
+    const T pbar = T(rf->background_profile_live) +
+                   (R1[0] - T(rf->background_profile_r1)) * rf->background_profile_slope;
+    residual[0] = (work->signal[pixel] - j_model * (P - pbar)) * std::sqrt(work->weight[pixel]);
     return true;
   }
   const ImageWork* work;
   const ReflectionFit* rf;
   int64_t pixel;
+};
+
+// Before each evaluation of the pixel objective: Pbar(R1) and its slope for every reflection.
+class BackgroundProfileCallback : public ceres::EvaluationCallback {
+ public:
+  BackgroundProfileCallback(ImageWork* work, const double* R1) : work_(work), R1_(R1) {}
+  void PrepareForEvaluation(bool /*evaluate_jacobians*/, bool new_evaluation_point) final {
+    if (new_evaluation_point || work_->reflections.empty() ||
+        work_->reflections.front().background_profile_r1 != *R1_)
+      update_background_profile(*work_, *R1_);
+  }
+
+ private:
+  ImageWork* work_;
+  const double* R1_;
 };
 
 // Gaussian prior on one scalar: r = (x - mean) / sigma.

@@ -196,16 +196,25 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
 
 def evaluate_image(shoeboxes: ShoeboxSet, image: int, *, R0: float, G: float, B: float, R1: float,
                    rotation=(0.0, 0.0, 0.0), detector_shift: float = 0.0,
-                   objective: str = "factored", **options: Any) -> dict[str, np.ndarray]:
+                   weights_at: dict[str, Any] | None = None, objective: str = "factored",
+                   **options: Any) -> dict[str, np.ndarray]:
     """Residuals and autodiff Jacobian of one image's problem at given parameters.
 
-    Weights, sigmas and background are evaluated at these parameters (as at the start of a
-    solve). Returns ``residuals``, ``jacobian`` (columns G, B, R1[, rotation, shift]),
-    ``term`` (1 intensity, 2 shape, 3 position, 4 pixel, 5 prior), ``row`` (reflection row)
-    and ``intensity_prf`` (J of each reflection of the image).
+    Weights, sigmas, background and statistics are evaluated at ``weights_at`` (a dict with
+    any of G, B, R1, rotation, detector_shift overriding the values; default: the values
+    themselves), as at the start of a solve. Returns ``residuals``, ``jacobian`` (columns G,
+    B, R1[, rotation, shift]), ``term`` (1 intensity, 2 shape, 3 position, 4 pixel, 5 prior),
+    ``row`` (reflection row, -1 for a prior) and ``intensity_prf`` (J of each reflection of
+    the image, at the weights).
     """
     r0 = _r0_per_crystal(shoeboxes, R0)
     opts = refine_options(objective=objective, R0=[float(v) for v in r0], **options)
-    out = _core.evaluate_image(shoeboxes.core(), opts, image, G, B, R1, list(rotation),
-                               detector_shift)
+    values = dict(G=G, B=B, R1=R1, rotation=rotation, detector_shift=detector_shift)
+    held = {**values, **(weights_at or {})}
+
+    def flat(p: dict[str, Any]) -> list[float]:
+        return [float(p["G"]), float(p["B"]), float(p["R1"]), *map(float, p["rotation"]),
+                float(p["detector_shift"])]
+
+    out = _core.evaluate_image(shoeboxes.core(), opts, image, flat(values), flat(held))
     return {k: np.asarray(v) for k, v in out.items()}

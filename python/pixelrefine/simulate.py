@@ -74,7 +74,7 @@ def simulate(n_images: int = 20, *, seed: int = 0,
              shoebox_size: int = 7, subsample: int = 8, dead_pixel_fraction: float = 0.005,
              gap_columns: tuple[int, int] | None = (700, 702),
              orientations: np.ndarray | None = None, truth_override: dict | None = None,
-             ) -> ShoeboxSet:
+             keep_expected: bool = False) -> ShoeboxSet:
     """Simulate still images of one crystal form and cut shoeboxes around the predictions.
 
     Parameters
@@ -115,6 +115,9 @@ def simulate(n_images: int = 20, *, seed: int = 0,
         [n_images, 3, 3] U matrices to use instead of random ones.
     truth_override : dict, optional
         Per-image truth arrays to use instead of random ones ("G", "B", "R1", "background").
+    keep_expected : bool
+        Also keep every pixel's expected counts in ``truth["pixels"]["expected"]`` (to redraw
+        the noise without re-simulating).
 
     Returns
     -------
@@ -122,7 +125,8 @@ def simulate(n_images: int = 20, *, seed: int = 0,
         With ``truth`` holding ``images`` (G, B, R1, background), ``global`` (R0, eta) and
         ``reflections`` (intensity_true, intensity_model = J_true, partiality, d).
     """
-    parameters = {k: v for k, v in locals().items() if k not in ("orientations", "truth_override")}
+    parameters = {k: v for k, v in locals().items()
+                  if k not in ("orientations", "truth_override", "keep_expected")}
     rng = np.random.default_rng(seed)
     detector = Detector.single_panel(distance, beam_centre, pixel_size, panel_size, read_noise)
     B_matrix = reciprocal_basis(cell)
@@ -207,6 +211,8 @@ def simulate(n_images: int = 20, *, seed: int = 0,
                         "xyzcal": pred["xyzcal"]},
         "@parameters": json.dumps(_jsonable(parameters)),
     }
+    if keep_expected:
+        shoeboxes.truth["pixels"] = {"expected": expected}
     return shoeboxes
 
 

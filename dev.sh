@@ -42,6 +42,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c 'import p
   "$PY" -m pip install -q --no-build-isolation -e ".[test]"
   echo "$want" > "$stamp"
 fi
+# The MS-SSIM reference (pytorch_msssim) needs torch: take the CPU build this machine kind
+# ships as a local file, never a registry build (those pull GBs of CUDA packages).
+if [ "${1:-}" = test ] && ! "$PY" -c 'import pytorch_msssim' 2>/dev/null; then
+  torch_wheel=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1 || true)
+  if [ -n "$torch_wheel" ]; then
+    echo "dev.sh: installing torch (CPU, $torch_wheel) and pytorch-msssim for the MS-SSIM comparison" >&2
+    "$PY" -m pip install -q "$torch_wheel" pytorch-msssim || echo "dev.sh: torch not installed; those tests skip" >&2
+  fi
+fi
 export PATH="$VENV/bin:$PATH"
 
 cmd=${1:-demo}; shift || true

@@ -53,7 +53,7 @@ void shoebox_profiles(const ShoeboxSetView& set, const ImageModel& model, int su
     double omega[3], shift;
     image_geometry(model, image, omega, &shift);
     const double wavelength = set.wavelength[image];
-    const double R1 = model.R1[image];
+    const double inverse_width_sq = 1.0 / (model.R1[image] * model.R1[image]);
     const Prediction<double> pred =
         predict(set.A_matrix + 9 * image, set.miller_index + 3 * r, wavelength,
                 set.polarization_fraction[image], panel, omega, shift);
@@ -68,7 +68,8 @@ void shoebox_profiles(const ShoeboxSetView& set, const ImageModel& model, int su
             tangential_offset(panel, pred, wavelength, shift, i + (si + 0.5) * step,
                               j + (sj + 0.5) * step, eps_t, &area);
             // The true (unsmoothed) profile at the sub-pixel point, times the pixel's area.
-            sum += area * tangential_density(eps_t[0] * eps_t[0] + eps_t[1] * eps_t[1], R1 * R1);
+            sum += area * tangential_density(eps_t[0] * eps_t[0] + eps_t[1] * eps_t[1],
+                                             inverse_width_sq);
           }
         }
         out[t] = sum * weight;

@@ -179,21 +179,29 @@ inline void tangential_offset(const Panel& panel, const Prediction<T>& pred, dou
           (r_norm * r_norm * T(wavelength * wavelength));
 }
 
-// The spot's tangential profile as a density on the Ewald sphere (per A^-2), isotropic:
-// g / (pi R^2) with g = exp(-|eps_t|^2 / R^2); it integrates to 1 over the tangent plane.
+// The spot's tangential profile as a density on the Ewald sphere (per A^-2), isotropic, of
+// width R (given as 1/R^2): g / (pi R^2) with g = exp(-|eps_t|^2 / R^2); it integrates to 1
+// over the tangent plane.
 template <typename T, typename D>
-inline T tangential_density(const D& eps_t_sq, const T& width_sq) {
+inline T tangential_density(const D& eps_t_sq, const T& inverse_width_sq) {
   using std::exp;
-  return exp(-eps_t_sq / width_sq) / (T(kPi) * width_sq);
+  return exp(-eps_t_sq * inverse_width_sq) * inverse_width_sq * (1.0 / kPi);
 }
 
-// Area-normalised profile of one pixel, the model's P_p. The profile sampled at the pixel
-// centre is smoothed by the pixel itself: a pixel of reciprocal width sqrt(a) adds a/12 of
-// variance per axis, so P = a g_p / (pi R_p^2) with R_p^2 = R1^2 + a/6 (second moment
-// R1^2/2 + a/12, as conventions.md's M2_model). With a -> 0 it is a g / (pi R1^2).
+// The model's profile width R_p^2 = R1^2 + a/6: the profile sampled at a pixel centre is
+// smoothed by the pixel itself, a pixel of reciprocal width sqrt(a) adding a/12 of variance per
+// axis (second moment R1^2/2 + a/12, as conventions.md's M2_model). a is the reflection's mean
+// pixel area on the sphere (it varies by < 0.1 % across a shoebox).
+template <typename T>
+inline T profile_width_sq(const T& R1, double area) {
+  return R1 * R1 + area / 6.0;
+}
+
+// Area-normalised profile of one pixel, the model's P_p = a_p g_p / (pi R_p^2), from
+// 1/R_p^2. With a -> 0 it is conventions.md's a g / (pi R1^2).
 template <typename T, typename D>
-inline T profile_density(const D& eps_t_sq, const D& area, const T& R1) {
-  return area * tangential_density(eps_t_sq, R1 * R1 + area / 6.0);
+inline T profile_density(const D& eps_t_sq, const D& area, const T& inverse_width_sq) {
+  return area * tangential_density(eps_t_sq, inverse_width_sq);
 }
 
 }  // namespace pixelrefine

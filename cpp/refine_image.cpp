@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
@@ -77,6 +78,12 @@ struct ParameterBlocks {
     v[0] = G, v[1] = B, v[2] = R1, v[3] = omega[0], v[4] = omega[1], v[5] = omega[2], v[6] = shift;
   }
 };
+
+// One Ceres context per thread, reused by every problem the thread solves.
+ceres::Context* thread_context() {
+  thread_local std::unique_ptr<ceres::Context> context(ceres::Context::Create());
+  return context.get();
+}
 
 ceres::LossFunction* make_loss(const RefineOptions& options) {
   if (options.loss == "huber") return new ceres::HuberLoss(options.loss_scale);
@@ -301,6 +308,7 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
   BackgroundProfileCallback background_profile(&work, &x.R1);
   ceres::Problem::Options problem_options;
   if (options.objective == "pixel") problem_options.evaluation_callback = &background_profile;
+  problem_options.context = thread_context();
   ceres::Problem problem(problem_options);
   build_problem(problem, work, x, params, options);
 
@@ -320,6 +328,7 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
   Eigen::MatrixXd covariance = Eigen::MatrixXd::Constant(k, k, kNaN);
   bool covariance_ok = false;
   bool settled = false;
+  bool r1_free_final = true;
   // Weights are evaluated at `held`; each solve gives `params`. The next weights are taken at
   // the new solution, or half-way to it when the step reverses the previous one (a damped
   // fixed-point iteration: reweighting can otherwise alternate between two states).
@@ -348,6 +357,7 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
     for (const ReflectionFit& rf : work.reflections) n_shape += rf.use_shape;
     // Without any usable second moment R1 is held (the pixel objective constrains it itself).
     const bool r1_free = options.objective == "pixel" || n_shape > 0;
+    r1_free_final = r1_free;
     if (r1_free) {
       problem.SetParameterBlockVariable(&x.R1);
     } else {
@@ -370,7 +380,8 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
       break;
     }
     x.store(params);
-    covariance_ok = covariance_from_jacobian(problem, x, k, r1_free, covariance);
+    // Sigmas to judge the steps by: from the first solve (they change little after it).
+    if (outer == 0) covariance_ok = covariance_from_jacobian(problem, x, k, r1_free, covariance);
     settled = covariance_ok;
     double step[7] = {0, 0, 0, 0, 0, 0, 0}, reversal = 0.0;
     for (int i = 0; i < k; ++i) {
@@ -393,6 +404,11 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
     std::copy(step, step + 7, previous_step);
   }
 
+  // The covariance at the final parameters, with the final weights.
+  if (status != kSolverFailure) {
+    x.load(params);
+    covariance_ok = covariance_from_jacobian(problem, x, k, r1_free_final, covariance);
+  }
   if (status == kConverged) {
     const bool at_bound = params.G <= 1e-12 * 1.0001 || params.R1 <= 1e-12 * 1.0001 ||
                           params.B <= options.B_min + 1e-9 || params.B >= options.B_max - 1e-9;

@@ -154,11 +154,11 @@ void update_background_profile(ImageWork& work, double R1) {
     rf.background_profile_slope = 0.0;
     if (rf.n_background == 0) continue;
     double value = 0.0, slope = 0.0;
+    const double W = profile_width_sq(R1, rf.a_mean);
     for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
       if (!work.in_background[i]) continue;
       // P = a exp(-e/W) / (pi W), W = R1^2 + a/6: dP/dR1 = P (e/W^2 - 1/W) 2 R1.
-      const double W = R1 * R1 + work.area[i] / 6.0;
-      const double P = profile_density(work.eps_sq[i], work.area[i], R1);
+      const double P = profile_density(work.eps_sq[i], work.area[i], 1.0 / W);
       value += P;
       slope += P * (work.eps_sq[i] / (W * W) - 1.0 / W) * 2.0 * R1;
     }
@@ -195,8 +195,9 @@ void update_weights(ImageWork& work, const ImageParameters& params, const Refine
 
     // The profile once per pixel, and Pbar over the background set.
     double ring = 0.0;
+    const double inverse_width_sq = 1.0 / profile_width_sq(params.R1, rf.a_mean);
     for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-      work.profile[i] = profile_density(work.eps_sq[i], work.area[i], params.R1);
+      work.profile[i] = profile_density(work.eps_sq[i], work.area[i], inverse_width_sq);
       if (work.in_background[i]) ring += work.profile[i];
     }
     const double pbar = rf.n_background > 0 ? ring / rf.n_background : 0.0;

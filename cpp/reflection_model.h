@@ -144,8 +144,9 @@ template <typename T>
 ProfileSums<T> profile_sums(const ImageWork& w, const ReflectionFit& rf, const T& R1) {
   ProfileSums<T> sums;
   T ring(0.0);
+  const T inverse_width_sq = 1.0 / profile_width_sq(R1, rf.a_mean);
   for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-    const T P = profile_density(w.eps_sq[i], w.area[i], R1);
+    const T P = profile_density(w.eps_sq[i], w.area[i], inverse_width_sq);
     const T wP = w.weight[i] * P;
     sums.wPs += wP * w.signal[i];
     sums.wPP += wP * P;
@@ -156,6 +157,36 @@ ProfileSums<T> profile_sums(const ImageWork& w, const ReflectionFit& rf, const T
   }
   if (rf.n_background > 0) sums.pbar = ring / double(rf.n_background);
   return sums;
+}
+
+// profile_sums with T a Jet of any size: the pixel sums depend on R1 alone, so they are
+// differentiated in forward mode with a one-dimensional Jet seeded on R1 and then carried to
+// T's derivative space by the chain rule (d sum / d theta = d sum / d R1 * d R1 / d theta).
+// The same derivatives as profile_sums<T>, at a third of the per-pixel cost for T = Jet<3>.
+inline ProfileSums<double> profile_sums_of(const ImageWork& w, const ReflectionFit& rf,
+                                           const double& R1) {
+  return profile_sums(w, rf, R1);
+}
+
+template <int N>
+ProfileSums<ceres::Jet<double, N>> profile_sums_of(const ImageWork& w, const ReflectionFit& rf,
+                                                   const ceres::Jet<double, N>& R1) {
+  using J1 = ceres::Jet<double, 1>;
+  const ProfileSums<J1> s = profile_sums(w, rf, J1(R1.a, 0));
+  auto lift = [&](const J1& x) {
+    ceres::Jet<double, N> out;
+    out.a = x.a;
+    out.v = x.v[0] * R1.v;
+    return out;
+  };
+  ProfileSums<ceres::Jet<double, N>> out;
+  out.wPs = lift(s.wPs);
+  out.wPP = lift(s.wPP);
+  out.wP = lift(s.wP);
+  out.P = lift(s.P);
+  out.Pu = lift(s.Pu);
+  out.pbar = lift(s.pbar);
+  return out;
 }
 
 // Profile-fitted amplitude J = sum w P (I - Bg_obs) / sum w P (P - Pbar), which is

@@ -17,7 +17,7 @@ template <typename T, typename D>
 inline void reflection_residuals(const ImageWork& work, const ReflectionFit& rf, const T& G,
                                  const T& B, const T& R1, const D& d, const D& p, const D& pol,
                                  T residual[2]) {
-  const ProfileSums<T> sums = profile_sums(work, rf, R1);
+  const ProfileSums<T> sums = profile_sums_of(work, rf, R1);
   residual[0] = rf.use_intensity
                     ? (profile_fit_amplitude(sums) - intensity_model(G, B, d, p, pol, rf.intensity_ref)) /
                           rf.sigma_intensity
@@ -96,7 +96,8 @@ struct PixelResidual {
     }
     const T j_model = intensity_model(G[0], B[0], rf->pred.d, rf->partiality,
                                       rf->pred.polarization, rf->intensity_ref);
-    const T P = profile_density(work->eps_sq[pixel], work->area[pixel], R1[0]);
+    const T P = profile_density(work->eps_sq[pixel], work->area[pixel],
+                                1.0 / profile_width_sq(R1[0], rf->a_mean));
     const T pbar = T(rf->background_profile_live) +
                    (R1[0] - T(rf->background_profile_r1)) * rf->background_profile_slope;
     residual[0] = (work->signal[pixel] - j_model * (P - pbar)) * std::sqrt(work->weight[pixel]);

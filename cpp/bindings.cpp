@@ -7,7 +7,10 @@
 
 #include <glog/logging.h>
 
+#include <atomic>
+#include <cmath>
 #include <sstream>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -259,6 +262,7 @@ PYBIND11_MODULE(_core, m) {
         out["residuals"] = Array<double>(n, e.residuals.data());
         out["jacobian"] = Array<double>({n, py::ssize_t(e.k)}, e.jacobian.data());
         out["term"] = term;
+        out["cost"] = e.cost;
         out["row"] = row;
         out["intensity_prf"] =
             Array<double>(py::ssize_t(e.intensity_prf.size()), e.intensity_prf.data());
@@ -269,6 +273,56 @@ PYBIND11_MODULE(_core, m) {
       "Residuals, autodiff Jacobian (columns G, B, R1[, omega, shift]), their terms and rows, "
       "and J per reflection of one image at values = (G, B, R1, omega[3], shift), with weights "
       "evaluated at weights_at (default: values).");
+
+  m.def(
+      "model_counts",
+      [](const CoreShoeboxSet& set, const RefineOptions& options, Array<double> G, Array<double> B,
+         Array<double> R1, Array<double> rotation, Array<double> detector_shift, int n_threads) {
+        const ShoeboxSetView& v = set.view();
+        const py::ssize_t N = v.n_images;
+        const double* g = checked(G, "G", {N});
+        const double* b = checked(B, "B", {N});
+        const double* r1 = checked(R1, "R1", {N});
+        const double* omega = checked(rotation, "rotation", {N, 3});
+        const double* shift = checked(detector_shift, "detector_shift", {N});
+        validate_options(options, v);
+        Array<double> mu(v.n_pixels), var(v.n_pixels);
+        std::fill(mu.mutable_data(), mu.mutable_data() + v.n_pixels, kNaN);
+        std::fill(var.mutable_data(), var.mutable_data() + v.n_pixels, kNaN);
+        double* mu_out = mu.mutable_data();
+        double* var_out = var.mutable_data();
+        {
+          py::gil_scoped_release release;
+          std::atomic<int64_t> next(0);
+          auto worker = [&]() {
+            for (int64_t i = next++; i < N; i = next++) {
+              ImageParameters p;
+              const bool scaled = std::isfinite(g[i]) && std::isfinite(b[i]);
+              p.G = scaled ? g[i] : 1.0;
+              p.B = scaled ? b[i] : 0.0;
+              p.R1 = r1[i];
+              for (int k = 0; k < 3; ++k) p.rotation[k] = std::isfinite(omega[3 * i + k]) ? omega[3 * i + k] : 0.0;
+              p.detector_shift = std::isfinite(shift[i]) ? shift[i] : 0.0;
+              if (!(std::isfinite(p.R1) && p.R1 > 0.0)) continue;
+              model_counts(v, i, options, p, scaled, mu_out, var_out);
+            }
+          };
+          std::vector<std::thread> pool;
+          for (int t = 1; t < std::max(1, n_threads); ++t) pool.emplace_back(worker);
+          worker();
+          for (std::thread& t : pool) t.join();
+        }
+        return py::make_tuple(mu, var);
+      },
+      py::arg("shoeboxes"), py::arg("options"), py::arg("G").noconvert(), py::arg("B").noconvert(),
+      py::arg("R1").noconvert(), py::arg("rotation").noconvert(),
+      py::arg("detector_shift").noconvert(), py::arg("n_threads") = 1,
+      "Expected counts mu_p and model variance v_p of every shoebox pixel at per-image "
+      "parameters (NaN G or B: not scaled, the fitted J is the amplitude).");
+
+  m.def("trivial_solve_seconds", &trivial_solve_seconds, py::arg("repeats") = 1000,
+        py::call_guard<py::gil_scoped_release>(),
+        "Seconds per Ceres Solve of a one-parameter problem (the per-solve overhead).");
 
   m.def(
       "predict",

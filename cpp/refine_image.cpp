@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <exception>
 #include <memory>
@@ -83,6 +84,20 @@ struct ParameterBlocks {
 ceres::Context* thread_context() {
   thread_local std::unique_ptr<ceres::Context> context(ceres::Context::Create());
   return context.get();
+}
+
+// Levenberg-Marquardt with a dense QR on a handful of parameters, one thread, silent.
+ceres::Solver::Options make_solver_options(const RefineOptions& options) {
+  ceres::Solver::Options solver_options;
+  solver_options.linear_solver_type = ceres::DENSE_QR;
+  solver_options.max_num_iterations = options.max_iterations;
+  solver_options.logging_type = ceres::SILENT;
+  solver_options.minimizer_progress_to_stdout = false;
+  solver_options.num_threads = 1;
+  solver_options.function_tolerance = 1e-7;
+  solver_options.parameter_tolerance = 1e-8;
+  solver_options.gradient_tolerance = 1e-12;
+  return solver_options;
 }
 
 ceres::LossFunction* make_loss(const RefineOptions& options) {
@@ -312,15 +327,7 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
   ceres::Problem problem(problem_options);
   build_problem(problem, work, x, params, options);
 
-  ceres::Solver::Options solver_options;
-  solver_options.linear_solver_type = ceres::DENSE_QR;
-  solver_options.max_num_iterations = options.max_iterations;
-  solver_options.logging_type = ceres::SILENT;
-  solver_options.minimizer_progress_to_stdout = false;
-  solver_options.num_threads = 1;
-  solver_options.function_tolerance = 1e-7;
-  solver_options.parameter_tolerance = 1e-8;
-  solver_options.gradient_tolerance = 1e-12;
+  const ceres::Solver::Options solver_options = make_solver_options(options);
 
   int status = kNotConverged;
   int iterations = 0;
@@ -468,8 +475,7 @@ ImageEvaluation evaluate_image(const ShoeboxSetView& set, int64_t image,
   ceres::Problem::EvaluateOptions eval;
   eval.parameter_blocks = blocks;
   ceres::CRSMatrix jac;
-  double cost;
-  if (!problem.Evaluate(eval, &cost, &result.residuals, nullptr, &jac))
+  if (!problem.Evaluate(eval, &result.cost, &result.residuals, nullptr, &jac))
     throw std::runtime_error("the problem could not be evaluated at these parameters");
   result.jacobian.assign(size_t(jac.num_rows) * result.k, 0.0);
   for (int row = 0; row < jac.num_rows; ++row)
@@ -508,6 +514,61 @@ void refine_images(const ShoeboxSetView& set, const RefineOptions& options, int6
     for (std::thread& t : pool) t.join();
   }
   if (error) std::rethrow_exception(error);
+}
+
+void model_counts(const ShoeboxSetView& set, int64_t image, const RefineOptions& options,
+                  const ImageParameters& given, bool scale_known, double* mu, double* variance) {
+  ImageWork work;
+  setup_image(set, image, options, work);
+  ImageParameters params = given;
+  params.R0 = options.R0[set.crystal_index[image]];
+  update_geometry(work, params, options.eta);
+  update_weights(work, params, options, scale_known);
+  update_weights(work, params, options, scale_known);
+  for (const ReflectionFit& rf : work.reflections) {
+    const int32_t* b = rf.bbox;
+    const int64_t offset = set.pixel_offset[rf.row];
+    const int64_t n = int64_t(b[1] - b[0]) * (b[3] - b[2]);
+    const bool integrated = rf.pixel_end > rf.pixel_begin && !(rf.flags & kBadPrediction);
+    const double amplitude = rf.amplitude_expected;
+    const double background = model_background(rf, std::max(rf.J, 0.0));
+    const double inverse_width_sq = 1.0 / profile_width_sq(params.R1, rf.a_mean);
+    const double read_noise_sq = rf.panel->read_noise * rf.panel->read_noise;
+    for (int64_t t = 0; t < n; ++t) {
+      if (!integrated) {
+        mu[offset + t] = variance[offset + t] = kNaN;
+        continue;
+      }
+      const double x = b[0] + t % (b[1] - b[0]) + 0.5, y = b[2] + t / (b[1] - b[0]) + 0.5;
+      double eps_t[2], area;
+      tangential_offset(*rf.panel, rf.pred, work.wavelength, params.detector_shift, x, y, eps_t,
+                        &area);
+      const double P = profile_density(eps_t[0] * eps_t[0] + eps_t[1] * eps_t[1], area,
+                                        inverse_width_sq);
+      mu[offset + t] = background + amplitude * P;
+      variance[offset + t] =
+          std::max(std::max(background, 0.0) + amplitude * P + read_noise_sq, options.variance_floor);
+    }
+  }
+}
+
+double trivial_solve_seconds(int repeats) {
+  // r = x - 1 on one parameter, solved from x = 0 (one LM step), with refine_image's solver
+  // options and a fresh problem each time, as refine_image builds one per image.
+  const ceres::Solver::Options solver_options = make_solver_options(RefineOptions{});
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < repeats; ++i) {
+    double x = 0.0;
+    ceres::Problem::Options problem_options;
+    problem_options.context = thread_context();
+    ceres::Problem problem(problem_options);
+    problem.AddResidualBlock(
+        new ceres::AutoDiffCostFunction<ScalarPrior, 1, 1>(new ScalarPrior(1.0, 1.0)), nullptr, &x);
+    ceres::Solver::Summary summary;
+    ceres::Solve(solver_options, &problem, &summary);
+  }
+  const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+  return elapsed.count() / std::max(1, repeats);
 }
 
 }  // namespace pixelrefine

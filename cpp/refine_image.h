@@ -35,6 +35,7 @@ struct ImageEvaluation {
   std::vector<double> jacobian;  // row-major [n_residuals, k]
   std::vector<ResidualLabel> labels;
   std::vector<double> intensity_prf;  // per reflection of the image (NaN if not integrated)
+  double cost = 0.0;                  // Ceres cost 1/2 sum rho(r^2), loss functions applied
   int k = 3;
 };
 // weights_at: the parameters at which weights, sigmas and statistics are evaluated (as at the
@@ -53,5 +54,16 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
 // Refines images [first, last) on n_threads threads (each image independent).
 void refine_images(const ShoeboxSetView& set, const RefineOptions& options, int64_t first,
                    int64_t last, int n_threads, const ResultsView& out);
+
+// The refinement's model of every pixel of one image's shoeboxes at given parameters, with
+// weights evaluated there: expected counts mu_p = Bg + A P_p (A = J_model where there is a
+// reference and the scale is known, else the fitted J) and model variance v_p; NaN where a
+// reflection is not integrated. Masked pixels get the model too.
+void model_counts(const ShoeboxSetView& set, int64_t image, const RefineOptions& options,
+                  const ImageParameters& params, bool scale_known, double* mu, double* variance);
+
+// Wall time of one Ceres Solve of a one-parameter problem (build + solve), averaged over
+// `repeats`: the per-solve overhead beyond the evaluations of a real problem.
+double trivial_solve_seconds(int repeats);
 
 }  // namespace pixelrefine

@@ -11,7 +11,8 @@ import numpy as np
 from . import _core
 from .shoeboxes import ShoeboxSet
 
-__all__ = ["Results", "refine", "refine_options", "STATUS", "FLAGS", "evaluate_image"]
+__all__ = ["Results", "refine", "refine_options", "STATUS", "FLAGS", "evaluate_image",
+           "model_counts"]
 
 #: /images/status codes.
 STATUS = {
@@ -204,8 +205,8 @@ def evaluate_image(shoeboxes: ShoeboxSet, image: int, *, R0: float, G: float, B:
     any of G, B, R1, rotation, detector_shift overriding the values; default: the values
     themselves), as at the start of a solve. Returns ``residuals``, ``jacobian`` (columns G,
     B, R1[, rotation, shift]), ``term`` (1 intensity, 2 shape, 3 position, 4 pixel, 5 prior),
-    ``row`` (reflection row, -1 for a prior) and ``intensity_prf`` (J of each reflection of
-    the image, at the weights).
+    ``row`` (reflection row, -1 for a prior), ``intensity_prf`` (J of each reflection of
+    the image, at the weights) and ``cost`` (Ceres's ½ Σ ρ(r²), loss functions applied).
     """
     r0 = _r0_per_crystal(shoeboxes, R0)
     opts = refine_options(objective=objective, R0=[float(v) for v in r0], **options)
@@ -218,3 +219,27 @@ def evaluate_image(shoeboxes: ShoeboxSet, image: int, *, R0: float, G: float, B:
 
     out = _core.evaluate_image(shoeboxes.core(), opts, image, flat(values), flat(held))
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def model_counts(shoeboxes: ShoeboxSet, results: Results, *, n_threads: int = 1
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The refinement's model of every shoebox pixel: expected counts and model variance.
+
+    mu_p = Bg + A P_p with A = G B_term p pol I_ref (the fitted J where there is no reference
+    or the image was not scaled) and v_p = max(Bg, 0) + A P_p + sigma_read^2, at the refined
+    per-image parameters of ``results`` and with its options; NaN where not integrated.
+
+    Returns
+    -------
+    mu, variance : ndarray, shape (T,)
+    """
+    options = {k: (float("inf") if v == "inf" else v) for k, v in results.options.items()}
+    options["R0"] = [float(v) for v in results.crystals["R0"]]
+    opts = refine_options(**options)
+    im = results.images
+    mu, variance = _core.model_counts(
+        shoeboxes.core(), opts, np.ascontiguousarray(im["G"], np.float64),
+        np.ascontiguousarray(im["B"], np.float64), np.ascontiguousarray(im["R1"], np.float64),
+        np.ascontiguousarray(im["rotation"], np.float64),
+        np.ascontiguousarray(im["detector_shift"], np.float64), n_threads)
+    return np.asarray(mu), np.asarray(variance)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .refine import FLAGS, STATUS, Results
+from .losses import shoebox_metrics
+from .refine import FLAGS, STATUS, Results, model_counts
 from .shoeboxes import ShoeboxSet
 
-__all__ = ["summary_table", "format_report"]
+__all__ = ["summary_table", "format_report", "shoebox_quality"]
 
 
 def _row(name: str, values: np.ndarray, sigmas: np.ndarray, scale: float = 1.0) -> list[str]:
@@ -66,6 +67,48 @@ def _recovery(results: Results, truth: dict) -> str:
     return text
 
 
+def shoebox_quality(shoeboxes: ShoeboxSet, results: Results, *, n_threads: int = 1
+                    ) -> dict[str, np.ndarray]:
+    """Model-vs-observed metrics of every shoebox, and their median per image.
+
+    The model is the refinement's own (``model_counts``); the metrics are
+    ``losses.shoebox_metrics``: weighted χ² per valid pixel (Σ (I − μ)²/v / n), PSNR with
+    the model's range as data range, SSIM with a window that fits the box.
+
+    Returns
+    -------
+    dict
+        ``chi2``, ``psnr``, ``ssim`` per reflection [M], and ``image_chi2``,
+        ``image_psnr``, ``image_ssim``: the median over each image's reflections [N].
+    """
+    mu, variance = model_counts(shoeboxes, results, n_threads=n_threads)
+    refl = shoeboxes.reflections
+    metrics = shoebox_metrics(shoeboxes.pixels.counts, mu, variance, shoeboxes.pixels.mask,
+                              refl.pixel_offset, refl.shoebox_shape)
+    out = {"chi2": metrics.chi2, "psnr": metrics.psnr, "ssim": metrics.ssim}
+    start = shoeboxes.image_start()
+    for name in ("chi2", "psnr", "ssim"):
+        values = np.where(np.isfinite(out[name]), out[name], np.nan)
+        medians = np.full(shoeboxes.n_images, np.nan)
+        for i in range(shoeboxes.n_images):
+            chunk = values[start[i]:start[i + 1]]
+            if np.isfinite(chunk).any():
+                medians[i] = np.nanmedian(chunk)
+        out[f"image_{name}"] = medians
+    return out
+
+
+def _quality_text(quality: dict[str, np.ndarray]) -> str:
+    rows = [["per-image median over shoeboxes", "median", "5 %", "95 %"]]
+    for name, label in (("chi2", "χ² per pixel"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM")):
+        v = quality[f"image_{name}"]
+        v = v[np.isfinite(v)]
+        if v.size:
+            rows.append([label, f"{np.median(v):.4g}", f"{np.percentile(v, 5):.4g}",
+                         f"{np.percentile(v, 95):.4g}"])
+    return "Model vs observed shoeboxes\n" + _format(rows)
+
+
 def format_report(results: Results, shoeboxes: ShoeboxSet | None = None) -> str:
     """The text printed by ``pixelrefine report``."""
     im, refl = results.images, results.reflections
@@ -88,6 +131,8 @@ def format_report(results: Results, shoeboxes: ShoeboxSet | None = None) -> str:
         if corr.size:
             parts.append(f"G–R1 correlation: median {np.median(corr):+.3f} "
                          f"(|corr| max {np.abs(corr).max():.3f})")
+    if shoeboxes is not None:
+        parts.append(_quality_text(shoebox_quality(shoeboxes, results)))
     if shoeboxes is not None and shoeboxes.truth:
         parts.append(_recovery(results, shoeboxes.truth))
     return "\n".join(parts)

@@ -180,3 +180,15 @@ def test_in_memory_set_validated_by_core(small_set):
                                        refl.pixel_offset), small_set.pixels)
     with pytest.raises(ValueError, match="in-memory.*/reflections/bbox row 11"):
         pr.refine(bad, R0=R0)
+
+
+def test_shoebox_view_of_one_reflection(small_set):
+    row = int(np.flatnonzero(small_set.reflections.bbox[:, 1] - small_set.reflections.bbox[:, 0] == 7)[3])
+    box = small_set.shoebox(row)
+    x0, x1, y0, y1 = small_set.reflections.bbox[row]
+    assert box.shape == (y1 - y0, x1 - x0)
+    start = small_set.reflections.pixel_offset[row]
+    flat = small_set.pixels.counts[start:start + box.size]
+    valid = small_set.pixels.mask[start:start + box.size] == 1
+    np.testing.assert_array_equal(box.reshape(-1)[valid], flat[valid])
+    assert np.all(np.isnan(box.reshape(-1)[~valid]))

@@ -88,6 +88,20 @@ def _check_root(path: str, f: h5py.File, expected_format: str) -> None:
                                f"is not supported (this reader reads {FORMAT_VERSION})")
 
 
+def _open(path: str, expected_format: str) -> h5py.File:
+    """Open an HDF5 file read-only and check its root attributes."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as error:
+        raise ShoeboxFileError(f"{path}: not a readable HDF5 file ({error})") from None
+    try:
+        _check_root(path, f, expected_format)
+    except ShoeboxFileError:
+        f.close()
+        raise
+    return f
+
+
 def _read_dataset(path: str, f: h5py.File, group: str, name: str, kind: str, shape: tuple,
                   sizes: dict[str, int]) -> np.ndarray:
     where = f"/{group}/{name}"
@@ -141,12 +155,7 @@ def read_shoeboxes(path: str | os.PathLike) -> ShoeboxSet:
         For a file that does not follow the format: names file, dataset and first bad row.
     """
     path = os.fspath(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as error:
-        raise ShoeboxFileError(f"{path}: not a readable HDF5 file ({error})") from None
-    with f:
-        _check_root(path, f, SHOEBOX_FORMAT)
+    with _open(path, SHOEBOX_FORMAT) as f:
         sizes: dict[str, int] = {}
         data: dict[str, dict[str, np.ndarray | None]] = {}
         for group, layout in INPUT_LAYOUT.items():
@@ -282,12 +291,7 @@ def write_results(path: str | os.PathLike, results: Results, *, overwrite: bool 
 def read_results(path: str | os.PathLike) -> Results:
     """Read a results file written by ``write_results``."""
     path = os.fspath(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as error:
-        raise ShoeboxFileError(f"{path}: not a readable HDF5 file ({error})") from None
-    with f:
-        _check_root(path, f, RESULTS_FORMAT)
+    with _open(path, RESULTS_FORMAT) as f:
         for group in ("images", "global", "reflections"):
             if group not in f:
                 raise ShoeboxFileError(f"{path}: missing group /{group}")

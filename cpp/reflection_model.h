@@ -49,7 +49,7 @@ struct RefineOptions {
   double sigma_shift = 1.0;            // prior shift ~ N(0, sigma_shift), mm
   int max_outer = 10;                  // reweighting rounds (Ceres solves) per image
   int max_iterations = 50;             // Levenberg-Marquardt iterations per solve
-  double outer_tolerance = 1e-2;       // settled when every parameter moves < tol * sigma
+  double outer_tolerance = 0.1;        // settled when every parameter moves < tol * sigma
   double G_init = 0.0;                 // 0 = estimate
   double B_init = 0.0;
   double R1_init = 0.0;                // 0 = estimate from second moments

@@ -26,10 +26,13 @@ def test_simulate_refine_report(tmp_path):
     out = pr.read_results(results)
     assert np.all(out.images["status"] == 0)
     assert out.options["outlier_sigma"] == 8 and out.options["reference_sigma_rel"] == 0.05
-    r = run("report", results, "--shoeboxes", shoeboxes)
+    r = run("report", results, "--shoeboxes", shoeboxes, "--per-image")
     assert r.exit_code == 0, r.output
-    for text in ("G", "B (Å²)", "R1", "status: 6 × 0", "Recovery against /truth", "within 3σ"):
+    for text in ("G", "B (Å²)", "R1", "status: 6 × 0", "Recovery against /truth", "within 3σ",
+                 "Model vs observed shoeboxes", "χ²/px", "SSIM"):
         assert text in r.output, text
+    per_image_rows = [line for line in r.output.splitlines() if line.split()[:1] in (["0"], ["5"])]
+    assert len(per_image_rows) == 2
     assert hashlib.sha256(shoeboxes.read_bytes()).hexdigest() == digest
 
 

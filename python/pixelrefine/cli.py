@@ -105,15 +105,17 @@ def refine(input_file, output, R0, objective, threads, sigma_G, reference_sigma_
 @main.command()
 @click.argument("results_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--shoeboxes", "shoebox_file", type=click.Path(exists=True, dir_okay=False),
-              default=None, help="The input file: adds recovery against /truth when present.")
-def report(results_file, shoebox_file):
+              default=None, help="The input file: adds model-vs-observed shoebox metrics (χ², "
+              "PSNR, SSIM) and, when it has /truth, the recovery of the simulated parameters.")
+@click.option("--per-image", is_flag=True, help="Also one row per image.")
+def report(results_file, shoebox_file, per_image):
     """Print a summary of a results file: parameters and their spread over images."""
     try:
         results = read_results(results_file)
         shoeboxes = read_shoeboxes(shoebox_file) if shoebox_file else None
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(format_report(results, shoeboxes))
+    click.echo(format_report(results, shoeboxes, per_image=per_image))
 
 
 @main.command()

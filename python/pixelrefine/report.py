@@ -9,7 +9,7 @@ from .losses import shoebox_metrics
 from .refine import FLAGS, STATUS, Results, model_counts
 from .shoeboxes import ShoeboxSet
 
-__all__ = ["summary_table", "format_report", "shoebox_quality"]
+__all__ = ["summary_table", "format_report", "shoebox_quality", "per_image_table"]
 
 
 def _row(name: str, values: np.ndarray, sigmas: np.ndarray, scale: float = 1.0) -> list[str]:
@@ -109,8 +109,28 @@ def _quality_text(quality: dict[str, np.ndarray]) -> str:
     return "Model vs observed shoeboxes\n" + _format(rows)
 
 
-def format_report(results: Results, shoeboxes: ShoeboxSet | None = None) -> str:
-    """The text printed by ``pixelrefine report``."""
+def per_image_table(results: Results, quality: dict[str, np.ndarray] | None = None) -> str:
+    """One row per image: status, G, B, R1 with sigmas and, given ``shoebox_quality``, the
+    median model-vs-observed χ², PSNR and SSIM of its shoeboxes."""
+    im = results.images
+    head = ["image", "status", "n_refl", "G", "σG", "B", "σB", "R1×1e3", "σR1×1e3"]
+    if quality is not None:
+        head += ["χ²/px", "PSNR", "SSIM"]
+    rows = [head]
+    for i in range(results.n_images):
+        row = [str(i), str(im["status"][i]), str(im["n_reflections"][i]),
+               f"{im['G'][i]:.4f}", f"{im['G_sigma'][i]:.2g}", f"{im['B'][i]:.2f}",
+               f"{im['B_sigma'][i]:.2g}", f"{im['R1'][i] * 1e3:.4f}", f"{im['R1_sigma'][i] * 1e3:.2g}"]
+        if quality is not None:
+            row += [f"{quality['image_chi2'][i]:.3f}", f"{quality['image_psnr'][i]:.2f}",
+                    f"{quality['image_ssim'][i]:.3f}"]
+        rows.append(row)
+    return _format(rows)
+
+
+def format_report(results: Results, shoeboxes: ShoeboxSet | None = None, *,
+                  per_image: bool = False) -> str:
+    """The text printed by ``pixelrefine report`` (``per_image``: also one row per image)."""
     im, refl = results.images, results.reflections
     parts = [f"objective: {results.objective}   images: {results.n_images}   "
              f"reflections: {len(refl['flags'])}   input: {results.input_file}",
@@ -131,8 +151,11 @@ def format_report(results: Results, shoeboxes: ShoeboxSet | None = None) -> str:
         if corr.size:
             parts.append(f"G–R1 correlation: median {np.median(corr):+.3f} "
                          f"(|corr| max {np.abs(corr).max():.3f})")
-    if shoeboxes is not None:
-        parts.append(_quality_text(shoebox_quality(shoeboxes, results)))
+    quality = shoebox_quality(shoeboxes, results) if shoeboxes is not None else None
+    if quality is not None:
+        parts.append(_quality_text(quality))
+    if per_image:
+        parts.append(per_image_table(results, quality))
     if shoeboxes is not None and shoeboxes.truth:
         parts.append(_recovery(results, shoeboxes.truth))
     return "\n".join(parts)

@@ -118,10 +118,6 @@ void build_problem(ceres::Problem& problem, ImageWork& work, ParameterBlocks& x,
   problem.AddParameterBlock(&x.G, 1);
   problem.AddParameterBlock(&x.B, 1);
   problem.AddParameterBlock(&x.R1, 1);
-  problem.SetParameterLowerBound(&x.G, 0, 1e-12);
-  problem.SetParameterLowerBound(&x.R1, 0, 1e-12);
-  problem.SetParameterLowerBound(&x.B, 0, options.B_min);
-  problem.SetParameterUpperBound(&x.B, 0, options.B_max);
   if (options.refine_geometry) {
     problem.AddParameterBlock(x.omega, 3);
     problem.AddParameterBlock(&x.shift, 1);
@@ -171,6 +167,20 @@ void build_problem(ceres::Problem& problem, ImageWork& work, ParameterBlocks& x,
       label(kPositionTerm, rf.row, 2);
     }
   }
+}
+
+// The physical bounds G > 0, R1 > 0, B in [B_min, B_max]. They are set only when an
+// unbounded solve leaves them: with bounds Ceres runs a projected line search in every
+// iteration (extra evaluations), which the usual image does not need.
+constexpr double kPositive = 1e-12;
+bool within_bounds(const ParameterBlocks& x, const RefineOptions& options) {
+  return x.G > kPositive && x.R1 > kPositive && x.B >= options.B_min && x.B <= options.B_max;
+}
+void set_bounds(ceres::Problem& problem, ParameterBlocks& x, const RefineOptions& options) {
+  problem.SetParameterLowerBound(&x.G, 0, kPositive);
+  problem.SetParameterLowerBound(&x.R1, 0, kPositive);
+  problem.SetParameterLowerBound(&x.B, 0, options.B_min);
+  problem.SetParameterUpperBound(&x.B, 0, options.B_max);
 }
 
 // Covariance (J^T J)^-1 of the free scalar parameters from the problem's Jacobian at the
@@ -335,6 +345,7 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
   Eigen::MatrixXd covariance = Eigen::MatrixXd::Constant(k, k, kNaN);
   bool covariance_ok = false;
   bool settled = false;
+  bool bounded = false;
   bool r1_free_final = true;
   // Weights are evaluated at `held`; each solve gives `params`. The next weights are taken at
   // the new solution, or half-way to it when the step reverses the previous one (a damped
@@ -374,6 +385,13 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
     ceres::Solver::Summary summary;
     ceres::Solve(solver_options, &problem, &summary);
     iterations += int(summary.iterations.size()) - 1;
+    if (!bounded && !within_bounds(x, options)) {
+      bounded = true;
+      set_bounds(problem, x, options);
+      x.load(params);
+      ceres::Solve(solver_options, &problem, &summary);
+      iterations += int(summary.iterations.size()) - 1;
+    }
     cost = summary.final_cost;
     double after[7], before[7];
     x.values(after);
@@ -417,7 +435,7 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
     covariance_ok = covariance_from_jacobian(problem, x, k, r1_free_final, covariance);
   }
   if (status == kConverged) {
-    const bool at_bound = params.G <= 1e-12 * 1.0001 || params.R1 <= 1e-12 * 1.0001 ||
+    const bool at_bound = params.G <= kPositive * 1.0001 || params.R1 <= kPositive * 1.0001 ||
                           params.B <= options.B_min + 1e-9 || params.B >= options.B_max - 1e-9;
     if (at_bound) status = kAtBound;
     else if (!covariance_ok) status = kSingularCovariance;

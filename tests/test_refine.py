@@ -322,3 +322,15 @@ def test_R0_per_crystal(small_set):
         pr.refine(small_set, R0=[1e-3, 2e-3])
     with pytest.raises(ValueError, match="R0"):
         pr.refine(small_set, R0=-1.0)
+
+
+def test_bounds_are_enforced_when_needed(small_set):
+    """An unbounded solve that leaves B's range is redone with the bounds: B ends on the bound
+    and the image says so (status 4)."""
+    results = pr.refine(small_set, R0=R0, B_min=-0.5, B_max=0.5)
+    B_true = small_set.truth["images"]["B"]
+    outside = np.abs(B_true) > 3.0
+    assert outside.any()
+    assert np.all(results.images["status"][outside] == 4)
+    np.testing.assert_allclose(np.abs(results.images["B"][outside]), 0.5, atol=1e-9)
+    assert np.all(np.abs(results.images["B"]) <= 0.5 + 1e-12)

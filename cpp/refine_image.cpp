@@ -346,7 +346,6 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
   bool covariance_ok = false;
   bool settled = false;
   bool bounded = false;
-  bool r1_free_final = true;
   // Weights are evaluated at `held`; each solve gives `params`. The next weights are taken at
   // the new solution, or half-way to it when the step reverses the previous one (a damped
   // fixed-point iteration: reweighting can otherwise alternate between two states).
@@ -375,7 +374,6 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
     for (const ReflectionFit& rf : work.reflections) n_shape += rf.use_shape;
     // Without any usable second moment R1 is held (the pixel objective constrains it itself).
     const bool r1_free = options.objective == "pixel" || n_shape > 0;
-    r1_free_final = r1_free;
     if (r1_free) {
       problem.SetParameterBlockVariable(&x.R1);
     } else {
@@ -405,8 +403,10 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
       break;
     }
     x.store(params);
-    // Sigmas to judge the steps by: from the first solve (they change little after it).
-    if (outer == 0) covariance_ok = covariance_from_jacobian(problem, x, k, r1_free, covariance);
+    // The covariance at this solve's solution with its weights: the functors' cached pixel
+    // sums are at this point already, so this costs no pass over the pixels. It judges the
+    // steps, and the last one is reported.
+    covariance_ok = covariance_from_jacobian(problem, x, k, r1_free, covariance);
     settled = covariance_ok;
     double step[7] = {0, 0, 0, 0, 0, 0, 0}, reversal = 0.0;
     for (int i = 0; i < k; ++i) {
@@ -429,11 +429,6 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
     std::copy(step, step + 7, previous_step);
   }
 
-  // The covariance at the final parameters, with the final weights.
-  if (status != kSolverFailure) {
-    x.load(params);
-    covariance_ok = covariance_from_jacobian(problem, x, k, r1_free_final, covariance);
-  }
   if (status == kConverged) {
     const bool at_bound = params.G <= kPositive * 1.0001 || params.R1 <= kPositive * 1.0001 ||
                           params.B <= options.B_min + 1e-9 || params.B >= options.B_max - 1e-9;

@@ -9,7 +9,7 @@ namespace {
 
 // Variance of a statistic linear in the counts, T = sum_p k_p (I_p - Bg_obs), when Bg_obs is
 // the mean of the reflection's background set: T = sum_p c_p I_p with
-// c_p = k_p - [p in set] K / n_bg, K = sum_p k_p, so var T = sum_p v_p c_p^2 (v_p = 1/w_p).
+// c_p = k_p - [p in set] K / n_bg, K = sum_p k_p, so var T = sum_p v_p c_p^2.
 double linear_statistic_variance(const ImageWork& w, const ReflectionFit& rf,
                                  const std::vector<double>& k) {
   double K = 0.0;
@@ -18,7 +18,7 @@ double linear_statistic_variance(const ImageWork& w, const ReflectionFit& rf,
   double variance = 0.0;
   for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
     const double c = k[i - rf.pixel_begin] - (w.in_background[i] ? correction : 0.0);
-    variance += c * c / w.weight[i];
+    variance += c * c * w.variance[i];
   }
   return variance;
 }
@@ -75,10 +75,15 @@ void setup_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& 
   work.A = set.A_matrix + 9 * image;
   const int64_t first = set.first_reflection(image), end = set.end_reflection(image);
   work.reflections.assign(end - first, ReflectionFit{});
-  work.counts.clear();
-  work.x.clear();
-  work.y.clear();
-  work.read_noise_sq.clear();
+  int64_t capacity = 0;
+  for (int64_t r = first; r < end; ++r) {
+    const int32_t* b = set.bbox + 4 * r;
+    capacity += int64_t(b[1] - b[0]) * (b[3] - b[2]);
+  }
+  for (std::vector<double>* v : {&work.counts, &work.x, &work.y, &work.read_noise_sq}) {
+    v->clear();
+    v->reserve(capacity);
+  }
   for (int64_t r = first; r < end; ++r) {
     ReflectionFit& rf = work.reflections[r - first];
     rf.row = r;
@@ -117,6 +122,7 @@ void setup_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& 
   work.area.assign(n, 0.0);
   work.signal.assign(n, 0.0);
   work.weight.assign(n, 1.0);
+  work.variance.assign(n, 1.0);
   work.profile.assign(n, 0.0);
   work.in_background.assign(n, 0);
   for (ReflectionFit& rf : work.reflections) {
@@ -127,6 +133,7 @@ void setup_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& 
 
 void update_geometry(ImageWork& work, const ImageParameters& params, double eta) {
   for (ReflectionFit& rf : work.reflections) {
+    rf.sums_r1 = kNaN;
     rf.pred = predict(work.A, rf.hkl, work.wavelength, work.polarization_fraction, *rf.panel,
                       params.rotation, params.detector_shift);
     if (!rf.pred.hits_panel) rf.flags |= kBadPrediction;
@@ -180,6 +187,7 @@ void update_weights(ImageWork& work, const ImageParameters& params, const Refine
     rf.use_shape = false;
     rf.intensity_residual = 0.0;
     if (n == 0 || (rf.flags & kBadPrediction)) continue;
+    rf.sums_r1 = kNaN;  // the weights change: the functors' cached sums are stale
     const bool has_reference = scale_known && !(rf.flags & kNoReference);
     const double j_model =
         has_reference ? intensity_model(params.G, params.B, rf.pred.d, rf.partiality,
@@ -216,6 +224,7 @@ void update_weights(ImageWork& work, const ImageParameters& params, const Refine
           std::max(background + amplitude * P + work.read_noise_sq[i], options.variance_floor);
       const double w = 1.0 / v;
       work.weight[i] = w;
+      work.variance[i] = v;
       v_sum += v;
       wPs += w * P * work.signal[i];
       wPP += w * P * P;
@@ -264,12 +273,14 @@ void update_weights(ImageWork& work, const ImageParameters& params, const Refine
       for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
         k[i - rf.pixel_begin] = (0.5 * work.eps_sq[i] - m2_model) / S_model;
       rf.sigma_m2 = std::sqrt(linear_statistic_variance(work, rf, k));
-      for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
-        k[i - rf.pixel_begin] = (work.x[i] - x_model) / S_model;
-      rf.sigma_x = std::sqrt(linear_statistic_variance(work, rf, k));
-      for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
-        k[i - rf.pixel_begin] = (work.y[i] - y_model) / S_model;
-      rf.sigma_y = std::sqrt(linear_statistic_variance(work, rf, k));
+      if (options.refine_geometry) {  // Term 3 only
+        for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
+          k[i - rf.pixel_begin] = (work.x[i] - x_model) / S_model;
+        rf.sigma_x = std::sqrt(linear_statistic_variance(work, rf, k));
+        for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
+          k[i - rf.pixel_begin] = (work.y[i] - y_model) / S_model;
+        rf.sigma_y = std::sqrt(linear_statistic_variance(work, rf, k));
+      }
     } else {
       rf.flags |= kWeakShape;
       rf.sigma_m2 = rf.sigma_x = rf.sigma_y = kNaN;

@@ -72,6 +72,18 @@ struct ImageParameters {
   double R0 = 0.0;  // given (per crystal)
 };
 
+// The profile sums of one reflection in a single pass over its valid pixels (one exp per
+// pixel), from which J and the model second moment follow.
+template <typename T>
+struct ProfileSums {
+  T wPs{0.0};   // sum w P s
+  T wPP{0.0};   // sum w P^2
+  T wP{0.0};    // sum w P
+  T P{0.0};     // sum P
+  T Pu{0.0};    // sum P u, u = |eps_t|^2 / 2
+  T pbar{0.0};  // mean P over the background set (0 when the file gives the background)
+};
+
 // Per-reflection state. Pixel-level arrays live in ImageWork, in [pixel_begin, pixel_end).
 struct ReflectionFit {
   int64_t row = 0;
@@ -106,6 +118,12 @@ struct ReflectionFit {
   // Evaluated with the weights, at the parameters of the last update_weights.
   double J = kNaN, J_variance = kNaN;  // profile-fitted amplitude and its variance
   double intensity_residual = 0.0;     // r1 (0 when Term 1 is off)
+  // The cost functors' pixel sums and their derivatives in R1 at R1 = sums_r1 (with the held
+  // weights): Ceres evaluates the residuals at a candidate point and, when it accepts it, the
+  // Jacobian at the same point; the second evaluation reuses the first's pass over the pixels.
+  // Invalidated (NaN) whenever the weights or the geometry change.
+  mutable ProfileSums<ceres::Jet<double, 1>> sums_cache;
+  mutable double sums_r1 = kNaN;
   bool use_intensity = false;     // Term 1 active
   bool use_shape = false;         // Terms 2 and 3 active
 };
@@ -119,6 +137,7 @@ struct ImageWork {
   std::vector<double> eps_sq, area;      // |eps_t|^2 and a_p at the current geometry
   std::vector<double> signal;            // s_p = I_p - Bg_obs (data only)
   std::vector<double> weight;            // w_p = 1 / v_p
+  std::vector<double> variance;          // v_p
   std::vector<double> profile;           // P_p at the last update_weights
   std::vector<uint8_t> in_background;    // pixel of the background set
   std::vector<double> read_noise_sq;
@@ -127,18 +146,6 @@ struct ImageWork {
 // Templated pixel sums, shared by the cost functors (Jets) and the final integration.
 // With Bg_obs the mean of the background set, E[I_p - Bg_obs] = A (P_p - Pbar), Pbar the
 // mean profile over the set: the spot's tail in the ring is modelled, not subtracted.
-
-// The profile sums of one reflection in a single pass over its valid pixels (one exp per
-// pixel), from which J and the model second moment follow.
-template <typename T>
-struct ProfileSums {
-  T wPs{0.0};   // sum w P s
-  T wPP{0.0};   // sum w P^2
-  T wP{0.0};    // sum w P
-  T P{0.0};     // sum P
-  T Pu{0.0};    // sum P u, u = |eps_t|^2 / 2
-  T pbar{0.0};  // mean P over the background set (0 when the file gives the background)
-};
 
 template <typename T>
 ProfileSums<T> profile_sums(const ImageWork& w, const ReflectionFit& rf, const T& R1) {
@@ -159,21 +166,39 @@ ProfileSums<T> profile_sums(const ImageWork& w, const ReflectionFit& rf, const T
   return sums;
 }
 
-// profile_sums with T a Jet of any size: the pixel sums depend on R1 alone, so they are
-// differentiated in forward mode with a one-dimensional Jet seeded on R1 and then carried to
-// T's derivative space by the chain rule (d sum / d theta = d sum / d R1 * d R1 / d theta).
-// The same derivatives as profile_sums<T>, at a third of the per-pixel cost for T = Jet<3>.
+// The pixel sums for a cost functor, with T = double or a Jet of any size. They depend on R1
+// alone, so they are differentiated in forward mode with a one-dimensional Jet seeded on R1
+// (autodiff through the pixel sums) and carried to T's derivative space by the chain rule
+// (d sum / d theta = d sum / d R1 * d R1 / d theta): the same derivatives as profile_sums<T>
+// at a third of the per-pixel cost for T = Jet<3>. Cached per reflection (sums_cache).
+inline const ProfileSums<ceres::Jet<double, 1>>& cached_profile_sums(const ImageWork& w,
+                                                                      const ReflectionFit& rf,
+                                                                      double R1) {
+  if (!(rf.sums_r1 == R1)) {
+    rf.sums_cache = profile_sums(w, rf, ceres::Jet<double, 1>(R1, 0));
+    rf.sums_r1 = R1;
+  }
+  return rf.sums_cache;
+}
+
 inline ProfileSums<double> profile_sums_of(const ImageWork& w, const ReflectionFit& rf,
                                            const double& R1) {
-  return profile_sums(w, rf, R1);
+  const ProfileSums<ceres::Jet<double, 1>>& s = cached_profile_sums(w, rf, R1);
+  ProfileSums<double> out;
+  out.wPs = s.wPs.a;
+  out.wPP = s.wPP.a;
+  out.wP = s.wP.a;
+  out.P = s.P.a;
+  out.Pu = s.Pu.a;
+  out.pbar = s.pbar.a;
+  return out;
 }
 
 template <int N>
 ProfileSums<ceres::Jet<double, N>> profile_sums_of(const ImageWork& w, const ReflectionFit& rf,
                                                    const ceres::Jet<double, N>& R1) {
-  using J1 = ceres::Jet<double, 1>;
-  const ProfileSums<J1> s = profile_sums(w, rf, J1(R1.a, 0));
-  auto lift = [&](const J1& x) {
+  const ProfileSums<ceres::Jet<double, 1>>& s = cached_profile_sums(w, rf, R1.a);
+  auto lift = [&](const ceres::Jet<double, 1>& x) {
     ceres::Jet<double, N> out;
     out.a = x.a;
     out.v = x.v[0] * R1.v;

@@ -133,7 +133,7 @@ void setup_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& 
 
 void update_geometry(ImageWork& work, const ImageParameters& params, double eta) {
   for (ReflectionFit& rf : work.reflections) {
-    rf.sums_r1 = kNaN;
+    invalidate_profile_sums(rf);
     rf.pred = predict(work.A, rf.hkl, work.wavelength, work.polarization_fraction, *rf.panel,
                       params.rotation, params.detector_shift);
     if (!rf.pred.hits_panel) rf.flags |= kBadPrediction;
@@ -187,7 +187,7 @@ void update_weights(ImageWork& work, const ImageParameters& params, const Refine
     rf.use_shape = false;
     rf.intensity_residual = 0.0;
     if (n == 0 || (rf.flags & kBadPrediction)) continue;
-    rf.sums_r1 = kNaN;  // the weights change: the functors' cached sums are stale
+    invalidate_profile_sums(rf);  // the weights change: the functors' cached sums are stale
     const bool has_reference = scale_known && !(rf.flags & kNoReference);
     const double j_model =
         has_reference ? intensity_model(params.G, params.B, rf.pred.d, rf.partiality,

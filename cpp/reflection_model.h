@@ -118,12 +118,14 @@ struct ReflectionFit {
   // Evaluated with the weights, at the parameters of the last update_weights.
   double J = kNaN, J_variance = kNaN;  // profile-fitted amplitude and its variance
   double intensity_residual = 0.0;     // r1 (0 when Term 1 is off)
-  // The cost functors' pixel sums and their derivatives in R1 at R1 = sums_r1 (with the held
-  // weights): Ceres evaluates the residuals at a candidate point and, when it accepts it, the
-  // Jacobian at the same point; the second evaluation reuses the first's pass over the pixels.
+  // The cost functors' pixel sums and their derivatives in R1 at the last two values of R1
+  // (with the held weights): Ceres evaluates the residuals at a candidate point and, when it
+  // accepts it, the Jacobian at the same point; when it stops on a rejected candidate, the
+  // covariance is evaluated at the previous point. Either reuses a pass over the pixels.
   // Invalidated (NaN) whenever the weights or the geometry change.
-  mutable ProfileSums<ceres::Jet<double, 1>> sums_cache;
-  mutable double sums_r1 = kNaN;
+  mutable ProfileSums<ceres::Jet<double, 1>> sums_cache[2];
+  mutable double sums_r1[2] = {kNaN, kNaN};
+  mutable int sums_next = 0;
   bool use_intensity = false;     // Term 1 active
   bool use_shape = false;         // Terms 2 and 3 active
 };
@@ -171,14 +173,20 @@ ProfileSums<T> profile_sums(const ImageWork& w, const ReflectionFit& rf, const T
 // (autodiff through the pixel sums) and carried to T's derivative space by the chain rule
 // (d sum / d theta = d sum / d R1 * d R1 / d theta): the same derivatives as profile_sums<T>
 // at a third of the per-pixel cost for T = Jet<3>. Cached per reflection (sums_cache).
+inline void invalidate_profile_sums(const ReflectionFit& rf) {
+  rf.sums_r1[0] = rf.sums_r1[1] = kNaN;
+}
+
 inline const ProfileSums<ceres::Jet<double, 1>>& cached_profile_sums(const ImageWork& w,
                                                                       const ReflectionFit& rf,
                                                                       double R1) {
-  if (!(rf.sums_r1 == R1)) {
-    rf.sums_cache = profile_sums(w, rf, ceres::Jet<double, 1>(R1, 0));
-    rf.sums_r1 = R1;
-  }
-  return rf.sums_cache;
+  for (int slot = 0; slot < 2; ++slot)
+    if (rf.sums_r1[slot] == R1) return rf.sums_cache[slot];
+  const int slot = rf.sums_next;
+  rf.sums_next = 1 - slot;
+  rf.sums_cache[slot] = profile_sums(w, rf, ceres::Jet<double, 1>(R1, 0));
+  rf.sums_r1[slot] = R1;
+  return rf.sums_cache[slot];
 }
 
 inline ProfileSums<double> profile_sums_of(const ImageWork& w, const ReflectionFit& rf,

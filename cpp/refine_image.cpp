@@ -407,11 +407,13 @@ void refine_image(const ShoeboxSetView& set, int64_t image, const RefineOptions&
     // sums are at this point already, so this costs no pass over the pixels. It judges the
     // steps, and the last one is reported.
     covariance_ok = covariance_from_jacobian(problem, x, k, r1_free, covariance);
-    settled = covariance_ok;
+    settled = true;
     double step[7] = {0, 0, 0, 0, 0, 0, 0}, reversal = 0.0;
     for (int i = 0; i < k; ++i) {
       if (i == 2 && !r1_free) continue;
-      const double sigma = std::sqrt(covariance(i, i));
+      // Steps in sigmas; without a covariance, relative to the parameter's size.
+      const double sigma = covariance_ok ? std::sqrt(covariance(i, i))
+                                         : 1e-3 * std::max(std::abs(before[i]), 1e-6);
       step[i] = (after[i] - before[i]) / sigma;
       reversal += step[i] * previous_step[i];
       settled = settled && std::abs(step[i]) <= options.outer_tolerance;

@@ -368,6 +368,16 @@ def _one_minus(value, weight, shape):
     return loss
 
 
+def _dissimilarity(metric, model, observed, weight, gradient, options):
+    """1 − metric (see ``_one_minus``) and its gradient, for ``ssim_loss`` and ``ms_ssim_loss``."""
+    out = metric(model, observed, weight, gradient=gradient, **options)
+    value, grad = out if gradient else (out, None)
+    loss = _one_minus(value, weight, np.shape(model))
+    if not gradient:
+        return finish(loss)
+    return finish(loss), -grad
+
+
 def ssim_loss(model, observed, weight=None, *, gradient: bool = False, **ssim_options):
     r"""SSIM loss :math:`1 - \mathrm{SSIM}(m, o)`, with its gradient with respect to ``model``.
 
@@ -390,12 +400,7 @@ def ssim_loss(model, observed, weight=None, *, gradient: bool = False, **ssim_op
     grad : ndarray
         Only if ``gradient`` is True.
     """
-    out = ssim(model, observed, weight, gradient=gradient, **ssim_options)
-    value, grad = out if gradient else (out, None)
-    loss = _one_minus(value, weight, np.shape(model))
-    if not gradient:
-        return finish(loss)
-    return finish(loss), -grad
+    return _dissimilarity(ssim, model, observed, weight, gradient, ssim_options)
 
 
 # ----------------------------------------------------------------------------- MS-SSIM
@@ -586,9 +591,4 @@ def ms_ssim_loss(model, observed, weight=None, *, gradient: bool = False, **ms_s
     grad : ndarray
         Only if ``gradient`` is True.
     """
-    out = ms_ssim(model, observed, weight, gradient=gradient, **ms_ssim_options)
-    value, grad = out if gradient else (out, None)
-    loss = _one_minus(value, weight, np.shape(model))
-    if not gradient:
-        return finish(loss)
-    return finish(loss), -grad
+    return _dissimilarity(ms_ssim, model, observed, weight, gradient, ms_ssim_options)

@@ -334,3 +334,20 @@ def test_bounds_are_enforced_when_needed(small_set):
     assert np.all(results.images["status"][outside] == 4)
     np.testing.assert_allclose(np.abs(results.images["B"][outside]), 0.5, atol=1e-9)
     assert np.all(np.abs(results.images["B"]) <= 0.5 + 1e-12)
+
+
+def test_image_without_reflections_and_empty_set(small_set):
+    refl = small_set.reflections
+    keep = refl.image_id != 1
+    data = pr.ShoeboxSet(small_set.detector, small_set.images,
+                         pr.Reflections(refl.image_id[keep], refl.miller_index[keep],
+                                        refl.intensity_ref[keep], refl.bbox[keep],
+                                        refl.pixel_offset[keep]), small_set.pixels)
+    results = pr.refine(data, R0=R0)
+    assert results.images["status"][1] == 2 and results.images["n_reflections"][1] == 0
+    assert np.all(results.images["status"][[0, 2]] == 0)
+    empty = np.zeros(0)
+    nothing = pr.ShoeboxSet(small_set.detector, pr.Images(empty, empty, np.zeros((0, 3, 3)), empty),
+                            pr.Reflections(empty, np.zeros((0, 3)), empty, np.zeros((0, 4)), empty),
+                            pr.Pixels(empty, empty))
+    assert pr.refine(nothing, R0=R0).n_images == 0

@@ -179,13 +179,23 @@ inline void tangential_offset(const Panel& panel, const Prediction<T>& pred, dou
           (r_norm * r_norm * T(wavelength * wavelength));
 }
 
-// The spot's tangential profile as a density on the Ewald sphere (per A^-2), isotropic, of
-// width R (given as 1/R^2): g / (pi R^2) with g = exp(-|eps_t|^2 / R^2); it integrates to 1
-// over the tangent plane.
+// The spot's tangential profile, isotropic of width R (given as 1/R^2):
+// g = exp(-|eps_t|^2 / R^2), and as a density on the Ewald sphere (per A^-2) g / (pi R^2),
+// which integrates to 1 over the tangent plane.
+template <typename T, typename D>
+inline T tangential_shape(const D& eps_t_sq, const T& inverse_width_sq) {
+  using std::exp;
+  return exp(-eps_t_sq * inverse_width_sq);
+}
+
+template <typename T>
+inline T tangential_normalisation(const T& inverse_width_sq) {
+  return inverse_width_sq * (1.0 / kPi);
+}
+
 template <typename T, typename D>
 inline T tangential_density(const D& eps_t_sq, const T& inverse_width_sq) {
-  using std::exp;
-  return exp(-eps_t_sq * inverse_width_sq) * inverse_width_sq * (1.0 / kPi);
+  return tangential_shape(eps_t_sq, inverse_width_sq) * tangential_normalisation(inverse_width_sq);
 }
 
 // The model's profile width R_p^2 = R1^2 + a/6: the profile sampled at a pixel centre is

@@ -151,20 +151,28 @@ struct ImageWork {
 
 template <typename T>
 ProfileSums<T> profile_sums(const ImageWork& w, const ReflectionFit& rf, const T& R1) {
+  // P_p = c a_p g_p (profile_density) with c = 1/(pi R_p^2) common to the reflection: the
+  // sums run over a g and are scaled by c (c^2 for the quadratic one) once at the end.
   ProfileSums<T> sums;
   T ring(0.0);
   const T inverse_width_sq = 1.0 / profile_width_sq(R1, rf.a_mean);
   for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-    const T P = profile_density(w.eps_sq[i], w.area[i], inverse_width_sq);
-    const T wP = w.weight[i] * P;
-    sums.wPs += wP * w.signal[i];
-    sums.wPP += wP * P;
-    sums.wP += wP;
-    sums.P += P;
-    sums.Pu += P * (0.5 * w.eps_sq[i]);
-    if (w.in_background[i]) ring += P;
+    const T ag = w.area[i] * tangential_shape(w.eps_sq[i], inverse_width_sq);
+    const T w_ag = w.weight[i] * ag;
+    sums.wPs += w_ag * w.signal[i];
+    sums.wPP += w_ag * ag;
+    sums.wP += w_ag;
+    sums.P += ag;
+    sums.Pu += ag * (0.5 * w.eps_sq[i]);
+    if (w.in_background[i]) ring += ag;
   }
-  if (rf.n_background > 0) sums.pbar = ring / double(rf.n_background);
+  const T c = tangential_normalisation(inverse_width_sq);
+  sums.wPs *= c;
+  sums.wPP *= c * c;
+  sums.wP *= c;
+  sums.P *= c;
+  sums.Pu *= c;
+  if (rf.n_background > 0) sums.pbar = c * ring / double(rf.n_background);
   return sums;
 }
 

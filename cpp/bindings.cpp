@@ -114,7 +114,6 @@ ResultsView results_view(py::dict results, int64_t n_images, int64_t n_reflectio
   };
   const py::ssize_t N = n_images, M = n_reflections;
   ResultsView out;
-  out.n_params = k;
   out.G = get_d("G", {N});
   out.G_sigma = get_d("G_sigma", {N});
   out.B = get_d("B", {N});

@@ -137,8 +137,9 @@ void update_geometry(ImageWork& work, const ImageParameters& params, double eta)
     rf.pred = predict(work.A, rf.hkl, work.wavelength, work.polarization_fraction, *rf.panel,
                       params.rotation, params.detector_shift);
     if (!rf.pred.hits_panel) rf.flags |= kBadPrediction;
-    rf.width_sq = partiality_width_sq(params.R0, eta, rf.pred.d, work.wavelength, work.bandwidth);
-    rf.partiality = partiality(rf.pred.excitation_error, rf.width_sq);
+    rf.partiality = partiality(rf.pred.excitation_error,
+                               partiality_width_sq(params.R0, eta, rf.pred.d, work.wavelength,
+                                                   work.bandwidth));
     double area_sum = 0.0;
     rf.u_sum = 0.0;
     for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {

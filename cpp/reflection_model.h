@@ -101,7 +101,6 @@ struct ReflectionFit {
   // Reflection-level prediction at the current geometry.
   Prediction<double> pred{};
   double partiality = kNaN;
-  double width_sq = kNaN;  // R0_eff^2
   double a_mean = kNaN;    // mean pixel area on the sphere over the valid pixels
   double u_sum = 0.0;      // sum of u = |eps_t|^2 / 2 over the valid pixels
 

@@ -54,7 +54,6 @@ struct ShoeboxSetView {
 
 // Result arrays, one row per image or per reflection, written in place by the core.
 struct ResultsView {
-  int n_params = 0;  // parameters in the covariance (3, or 7 with geometry)
   double* G = nullptr;
   double* G_sigma = nullptr;
   double* B = nullptr;

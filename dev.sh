@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh Debian (bookworm) machine, as root: installs what is missing
-# (apt: Ceres, Eigen, Python venv/headers, compiler), makes .venv, builds the package when its
-# C++/build sources changed, then runs the command. Quick when everything is already done.
+# (apt: Ceres, Eigen, CMake, Ninja, g++, Python with venv and headers), makes .venv, builds the
+# package when its C++ or build files changed, then runs the command. Each set-up step prints
+# one line; its output goes to .dev-setup.log. Quick when everything is already done.
 #   ./dev.sh demo     simulate the default dataset, refine it, report   (the main job)
 #   ./dev.sh test     the test suite
 #   ./dev.sh bench    the benchmarks
@@ -11,45 +12,81 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
+LOG="$ROOT/.dev-setup.log"
 
-apt_packages=(libceres-dev libeigen3-dev g++ make python3 python3-venv python3-dev)
+say() { printf 'dev.sh: %s\n' "$*" >&2; }
+die() { say "$*"; exit 1; }
+
+# step DESCRIPTION COMMAND...: one line on the terminal, the command's output in the log; on
+# failure the log's last lines and one line saying what failed.
+step() {
+  local what=$1 t0=$SECONDS rc=0
+  shift
+  printf 'dev.sh: %s ...' "$what" >&2
+  printf '\n=== %s: %s\n' "$(date -u +%FT%TZ)" "$what" >>"$LOG"
+  "$@" >>"$LOG" 2>&1 || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    printf ' done (%d s)\n' $((SECONDS - t0)) >&2
+    return 0
+  fi
+  printf ' failed\n' >&2
+  grep -v '^WARNING: Location' "$LOG" | tail -n 4 | sed 's/^/  | /' >&2
+  die "'$what' failed (exit $rc); the whole output is in $LOG"
+}
+
+# --- system packages --------------------------------------------------------------------
+version_at_least() {  # version_at_least "3.25.1" 3 15
+  local major minor
+  IFS=. read -r major minor _ <<<"$1"
+  [ "${major:-0}" -gt "$2" ] || { [ "${major:-0}" -eq "$2" ] && [ "${minor:-0}" -ge "$3" ]; }
+}
+python_is_usable() {  # Python >= 3.10 with venv and the headers extensions compile against
+  command -v python3 >/dev/null && python3 -c 'import sys, os, sysconfig, venv, ensurepip
+sys.exit(not (sys.version_info >= (3, 10) and os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))))' 2>/dev/null
+}
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
 missing=()
-for pkg in "${apt_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+for pkg in libceres-dev libeigen3-dev g++ make; do
+  command -v dpkg-query >/dev/null && installed "$pkg" || missing+=("$pkg")
 done
-# A Python from elsewhere (pyenv) brings its own venv and headers: no need for Debian's.
-if command -v python3 >/dev/null && python3 -c 'import venv, sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
-  keep=(); for pkg in "${missing[@]}"; do case "$pkg" in python3|python3-venv|python3-dev) ;; *) keep+=("$pkg");; esac; done
-  missing=("${keep[@]+"${keep[@]}"}")
-fi
+# Build tools and Python from elsewhere (a pyenv Python, a newer CMake) are as good as Debian's.
+{ command -v cmake >/dev/null && version_at_least "$(cmake --version | head -n 1 | awk '{print $3}')" 3 15; } ||
+  missing+=(cmake)
+command -v ninja >/dev/null || missing+=(ninja-build)
+python_is_usable || missing+=(python3 python3-venv python3-dev)
+
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "dev.sh: installing ${missing[*]}" >&2
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  command -v apt-get >/dev/null ||
+    die "missing ${missing[*]}, and this machine has no apt-get: install Ceres 2.1 and Eigen 3.4 (development files), CMake >= 3.15, Ninja, g++ and Python >= 3.10 with venv and headers, then run again"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then
+    sudo -n true 2>/dev/null ||
+      die "missing ${missing[*]}: run ./dev.sh as root, or first: sudo apt-get install ${missing[*]}"
+    SUDO="sudo -n"
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  step "apt-get update" $SUDO apt-get update -q
+  step "apt-get install ${missing[*]} (a few minutes on a fresh machine)" \
+    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  python_is_usable || die "python3 still lacks venv or its headers after apt-get install"
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
+# --- virtual environment and build ------------------------------------------------------
+if ! "$VENV/bin/python" -c '' 2>/dev/null; then
+  rm -rf "$VENV"
+  step "making the virtual environment .venv" python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
 stamp="$VENV/.pixelrefine-build"
 want=$( (cat pyproject.toml CMakeLists.txt cpp/*; "$PY" -c 'import sys; print(sys.version)') | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c 'import pixelrefine._core' 2>/dev/null; then
-  echo "dev.sh: building pixelrefine into $VENV" >&2
-  "$PY" -m pip install -q --upgrade pip >/dev/null
-  "$PY" -m pip install -q scikit-build-core pybind11 numpy
-  "$PY" -m pip install -q --no-build-isolation -e ".[test]"
+  step "pip: upgrading pip in .venv" "$PY" -m pip install --upgrade pip
+  step "pip: build requirements (scikit-build-core, pybind11, numpy)" \
+    "$PY" -m pip install scikit-build-core pybind11 numpy
+  step "building pixelrefine (C++ core with Ceres; 1-2 min) and its dependencies" \
+    "$PY" -m pip install --no-build-isolation -e ".[test]"
   echo "$want" > "$stamp"
-fi
-# The MS-SSIM reference (pytorch_msssim) needs torch: take the CPU build this machine kind
-# ships as a local file, never a registry build (those pull GBs of CUDA packages).
-if [ "${1:-}" = test ] && ! "$PY" -c 'import pytorch_msssim' 2>/dev/null; then
-  torch_wheel=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1 || true)
-  if [ -n "$torch_wheel" ]; then
-    echo "dev.sh: installing torch (CPU, $torch_wheel) and pytorch-msssim for the MS-SSIM comparison" >&2
-    "$PY" -m pip install -q "$torch_wheel" pytorch-msssim || echo "dev.sh: torch not installed; those tests skip" >&2
-  fi
 fi
 export PATH="$VENV/bin:$PATH"
 
@@ -60,5 +97,5 @@ case "$cmd" in
   test) exec "$PY" -m pytest tests "$@" ;;
   bench) exec "$PY" -m pytest benchmarks --benchmark-only "$@" ;;
   run) exec "$@" ;;
-  *) echo "usage: ./dev.sh {demo|test|bench|setup|run CMD...}" >&2; exit 2 ;;
+  *) die "usage: ./dev.sh {demo|test|bench|setup|run CMD...}" ;;
 esac

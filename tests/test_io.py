@@ -64,7 +64,7 @@ def test_never_writes_into_input(tmp_path, shoebox_file):
     results = pr.refine(shoeboxes, R0=R0)
     with pytest.raises(ValueError, match="input"):
         pr.write_results(shoebox_file, results, overwrite=True)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ValueError, match="input"):
         pr.write_shoeboxes(shoebox_file, shoeboxes)
     out = tmp_path / "r.h5"
     pr.write_results(out, results)
@@ -192,3 +192,72 @@ def test_shoebox_view_of_one_reflection(small_set):
     valid = small_set.pixels.mask[start:start + box.size] == 1
     np.testing.assert_array_equal(box.reshape(-1)[valid], flat[valid])
     assert np.all(np.isnan(box.reshape(-1)[~valid]))
+
+
+# ------------------------------------------------------------------ killed writers
+
+KILL_MID_WRITE = """
+import os, signal, sys
+import h5py
+import pixelrefine as pr
+shoeboxes = pr.read_shoeboxes(sys.argv[1])
+results = pr.refine(shoeboxes, R0=float(sys.argv[3]))
+original = h5py.Group.create_dataset
+written = []
+def create_then_die(self, name, *args, **kwargs):
+    written.append(name)
+    if len(written) == 12:  # half-way through the results' datasets
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, name, *args, **kwargs)
+h5py.Group.create_dataset = create_then_die
+pr.write_results(sys.argv[2], results)
+"""
+
+
+def test_a_killed_writer_leaves_no_result_and_the_next_write_cleans_up(tmp_path, shoebox_file):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "results.h5"
+    run = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, str(shoebox_file), str(out), str(R0)],
+                         capture_output=True, text=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    assert not out.exists()  # nothing half-written under the output's name
+    partials = [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    assert len(partials) == 1 and partials[0].name.startswith(".results.h5.pixelrefine-")
+    with pytest.raises(ValueError, match="partial file"):
+        pr.read_results(partials[0])
+    results = pr.refine(pr.read_shoeboxes(shoebox_file), R0=R0)
+    pr.write_results(out, results)
+    assert not partials[0].exists()
+    assert pr.read_results(out).n_images == results.n_images
+
+
+def test_partials_of_running_writers_and_of_other_outputs_are_kept(tmp_path):
+    import subprocess
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        alive = tmp_path / f".out.h5.pixelrefine-{sleeper.pid}-0a1b.part"
+        other = tmp_path / ".other.h5.pixelrefine-999999999-0a1b.part"
+        dead = tmp_path / ".out.h5.pixelrefine-999999999-0a1b.part"
+        for p in (alive, other, dead):
+            p.write_bytes(b"x")
+        removed = pr.io.remove_stale_partials(tmp_path / "out.h5")
+        assert removed == [str(dead)]
+        assert alive.exists() and other.exists() and not dead.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_output_path_checked_before_any_work(tmp_path, shoebox_file):
+    from click.testing import CliRunner
+
+    from pixelrefine.cli import main
+
+    missing = tmp_path / "no-such-folder" / "r.h5"
+    result = CliRunner().invoke(main, ["refine", str(shoebox_file), str(missing), "--R0", str(R0)])
+    assert result.exit_code == 1 and "does not exist" in result.output
+    assert "Traceback" not in result.output and "refined" not in result.output

@@ -10,15 +10,10 @@ import pytest
 
 from pixelrefine import losses as L
 
+from loss_inputs import (huber_inputs, make_pair, ms_ssim_inputs, ramp, reference_values,
+                         spots_image, ssim_valid_inputs)
+
 # ----------------------------------------------------------------------------- data
-
-
-def make_pair(shape, seed=0, noise=0.2):
-    """A model image in [0, 1] and an observed image correlated with it."""
-    rng = np.random.default_rng(seed)
-    model = rng.random(shape)
-    observed = model + noise * rng.standard_normal(shape)
-    return model, observed
 
 
 def make_weight(shape, seed=1, zero_fraction=0.2):
@@ -28,26 +23,9 @@ def make_weight(shape, seed=1, zero_fraction=0.2):
     return w
 
 
-def spots_image(shape, seed=0, n_spots=6):
-    """Diffraction-like image: flat background of 5 counts and spots up to 1e4."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    img = np.full(shape, 5.0)
-    for _ in range(n_spots):
-        cy, cx = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
-        amp = 10 ** rng.uniform(1, 4)
-        img += amp * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rng.uniform(1, 3) ** 2))
-    return img
-
-
 def checkerboard(shape, period=8):
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     return (((yy // period) + (xx // period)) % 2).astype(np.float64)
-
-
-def ramp(shape):
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    return (yy + 2.0 * xx) / (shape[0] + 2.0 * shape[1])
 
 
 def structured_pairs(shape):
@@ -242,37 +220,67 @@ def test_psnr_and_mse_match_skimage(shape):
         assert abs(L.mse(a, b) - ref) <= 1e-12 * max(ref, 1.0), name
 
 
+# The references below were computed once with pytorch_msssim and torch (tests/data/
+# make_torch_reference.py, versions in tests/data/torch_reference.json): the tests compare with
+# those stored values always, and with a live computation too when torch is importable.
+
+
+def _live_torch():
+    """(torch, pytorch_msssim) when both import, else None: the live comparison is an extra."""
+    try:
+        import pytorch_msssim
+        import torch
+    except ImportError:
+        return None
+    return torch, pytorch_msssim
+
+
 @pytest.mark.parametrize("shape", [(176, 176), (192, 256), (181, 181), (200, 183)])
 def test_ms_ssim_matches_pytorch_msssim(shape):
-    torch = pytest.importorskip("torch", reason="torch is not installed: no reference MS-SSIM")
-    pm = pytest.importorskip("pytorch_msssim", reason="pytorch_msssim is not installed: no reference MS-SSIM")
-    rng = np.random.default_rng(11)
-    a = np.stack([rng.random(shape), ramp(shape), spots_image(shape) / 1e4])
-    b = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, None)
-    ref = pm.ms_ssim(torch.from_numpy(a)[:, None], torch.from_numpy(b)[:, None], data_range=1.0, size_average=False)
+    a, b = ms_ssim_inputs(shape)
     got = L.ms_ssim(a, b, data_range=1.0)
     # pytorch_msssim builds its window in float32 (relative error ~1e-8 per tap): 1e-5 is ample.
-    np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-5)
+    stored = reference_values()["ms_ssim"][f"{shape[0]}x{shape[1]}"]
+    np.testing.assert_allclose(got, stored, rtol=0, atol=1e-5)
+    live = _live_torch()
+    if live is not None:
+        torch, pm = live
+        ref = pm.ms_ssim(torch.from_numpy(a)[:, None], torch.from_numpy(b)[:, None], data_range=1.0,
+                         size_average=False)
+        np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-5)
 
 
 def test_ssim_gaussian_valid_matches_pytorch_msssim_ssim():
-    torch = pytest.importorskip("torch", reason="torch is not installed: no reference")
-    pm = pytest.importorskip("pytorch_msssim", reason="pytorch_msssim is not installed: no reference")
-    a, b = make_pair((2, 40, 33), seed=9)
-    ref = pm.ssim(torch.from_numpy(a)[:, None], torch.from_numpy(b)[:, None], data_range=1.0, size_average=False)
-    np.testing.assert_allclose(L.ssim(a, b, data_range=1.0), ref.numpy(), rtol=0, atol=1e-6)
+    a, b = ssim_valid_inputs()
+    got = L.ssim(a, b, data_range=1.0)
+    np.testing.assert_allclose(got, reference_values()["ssim_valid"], rtol=0, atol=1e-6)
+    live = _live_torch()
+    if live is not None:
+        torch, pm = live
+        ref = pm.ssim(torch.from_numpy(a)[:, None], torch.from_numpy(b)[:, None], data_range=1.0,
+                      size_average=False)
+        np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-6)
 
 
 def test_huber_and_smooth_l1_match_torch():
-    torch = pytest.importorskip("torch", reason="torch is not installed: no reference Huber / smooth-L1")
-    F = torch.nn.functional
-    a, b = make_pair((17, 19), seed=2, noise=1.0)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    a, b = huber_inputs()
+    stored = reference_values()["pointwise"]
+    ours = {"l1": L.l1(a, b), "mse": L.mse(a, b)}
     for delta in (0.1, 0.7, 2.0):
-        assert abs(L.huber_loss(a, b, delta=delta) - F.huber_loss(ta, tb, delta=delta).item()) < 1e-12
-        assert abs(L.smooth_l1_loss(a, b, beta=delta) - F.smooth_l1_loss(ta, tb, beta=delta).item()) < 1e-12
-    assert abs(L.l1(a, b) - F.l1_loss(ta, tb).item()) < 1e-12
-    assert abs(L.mse(a, b) - F.mse_loss(ta, tb).item()) < 1e-12
+        ours[f"huber_{delta}"] = L.huber_loss(a, b, delta=delta)
+        ours[f"smooth_l1_{delta}"] = L.smooth_l1_loss(a, b, beta=delta)
+    assert set(ours) == set(stored)
+    for name, value in ours.items():
+        assert abs(value - stored[name]) < 1e-12, name
+    live = _live_torch()
+    if live is not None:
+        F = live[0].nn.functional
+        ta, tb = live[0].from_numpy(a), live[0].from_numpy(b)
+        for delta in (0.1, 0.7, 2.0):
+            assert abs(ours[f"huber_{delta}"] - F.huber_loss(ta, tb, delta=delta).item()) < 1e-12
+            assert abs(ours[f"smooth_l1_{delta}"] - F.smooth_l1_loss(ta, tb, beta=delta).item()) < 1e-12
+        assert abs(ours["l1"] - F.l1_loss(ta, tb).item()) < 1e-12
+        assert abs(ours["mse"] - F.mse_loss(ta, tb).item()) < 1e-12
 
 
 # ------------------------------------------------------------------ Ceres correspondence

@@ -8,7 +8,7 @@ import time
 
 import click
 
-from .io import COMPRESSION, read_results, read_shoeboxes, write_results, write_shoeboxes
+from .io import COMPRESSION, check_output_path, read_results, read_shoeboxes, write_results, write_shoeboxes
 from .refine import refine as refine_set
 from .report import format_report
 from .simulate import simulate as simulate_set
@@ -77,13 +77,10 @@ def simulate(output, n_images, seed, max_reflections, reference_error, R0, compr
 def refine(input_file, output, R0, objective, threads, sigma_G, reference_sigma_rel,
            refine_geometry, extra, overwrite, progress):
     """Refine every image of INPUT_FILE and write a new results file OUTPUT."""
-    if os.path.exists(output) and os.path.samefile(input_file, output):
-        raise click.UsageError(f"{output} is the input file; pixelrefine never writes into its input")
-    if os.path.exists(output) and not overwrite:
-        raise click.UsageError(f"{output} exists; pass --overwrite to replace it")
     try:
+        check_output_path(output, overwrite=overwrite, inputs=(input_file,))
         shoeboxes = read_shoeboxes(input_file)
-    except ValueError as error:
+    except (ValueError, FileExistsError) as error:
         raise click.ClickException(str(error)) from None
     options = _parse_options(extra)
     if sigma_G is not None:

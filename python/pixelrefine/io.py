@@ -9,9 +9,11 @@ Nothing is ever written into an input file, and no existing file is overwritten 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+import re
+import secrets
 from typing import Any
 
 import h5py
@@ -22,7 +24,7 @@ from .refine import FLAGS, PARAMETER_NAMES, STATUS, Results
 from .shoeboxes import Detector, Images, Pixels, Reflections, ShoeboxSet, group_fields
 
 __all__ = ["ShoeboxFileError", "read_shoeboxes", "write_shoeboxes", "read_results",
-           "write_results", "COMPRESSION"]
+           "write_results", "check_output_path", "remove_stale_partials", "COMPRESSION"]
 
 SHOEBOX_FORMAT = "pixelrefine.shoeboxes"
 RESULTS_FORMAT = "pixelrefine.results"
@@ -90,6 +92,8 @@ def _check_root(path: str, f: h5py.File, expected_format: str) -> None:
 
 def _open(path: str, expected_format: str) -> h5py.File:
     """Open an HDF5 file read-only and check its root attributes."""
+    if PARTIAL_PATTERN.match(os.path.basename(path)):
+        raise ShoeboxFileError(f"{path}: is a partial file left by an interrupted write, not a result")
     try:
         f = h5py.File(path, "r")
     except OSError as error:
@@ -191,17 +195,98 @@ def _read_truth(f: h5py.File) -> dict:
     return truth
 
 
-def _refuse_existing(path: str, overwrite: bool) -> None:
+#: Partial files are hidden beside their output: ``.<name>.pixelrefine-<pid>-<token>.part``.
+PARTIAL_PATTERN = re.compile(r"^\.(?P<name>.+)\.pixelrefine-(?P<pid>\d+)-[0-9a-f]+\.part$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(path: str) -> list[str]:
+    """Delete the partial files of ``path`` that writers no longer running left behind.
+
+    A writer killed while writing (SIGKILL, power loss) leaves its hidden partial file; the
+    output itself only ever appears complete (written, synced, then renamed into place).
+    Partial files of a writer still running are left alone. Returns the paths removed.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    removed = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in entries:
+        match = PARTIAL_PATTERN.match(entry)
+        if not match or match["name"] != name:
+            continue
+        pid = int(match["pid"])
+        if pid != os.getpid() and _process_alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(directory, entry))
+            removed.append(os.path.join(directory, entry))
+        except OSError:
+            pass
+    return removed
+
+
+@contextlib.contextmanager
+def _atomic_h5(path: str):
+    """Yield the name of a hidden partial file beside ``path``; when the block completes, the
+    file is synced to disk and renamed onto ``path`` (atomic), otherwise it is deleted. Stale
+    partial files of ``path`` left by killed writers are removed first."""
+    remove_stale_partials(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    partial = os.path.join(directory, f".{name}.pixelrefine-{os.getpid()}-{secrets.token_hex(4)}.part")
+    try:
+        yield partial
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+        try:
+            directory_fd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False,
+                      inputs: tuple = ()) -> str:
+    """Check before any work that ``path`` can be written: its folder exists and is writable,
+    it is none of ``inputs``, and it exists only if ``overwrite``. Returns the path as str.
+
+    Raises
+    ------
+    ValueError
+        Naming the path and what is wrong.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"{path}: the folder {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: the folder {directory} is not writable")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder, not a file")
+    for source in inputs:
+        if source and os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
+            raise ValueError(f"{path}: is an input file; pixelrefine never writes into its input")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path}: exists; refusing to overwrite (pass overwrite=True / --overwrite)")
-
-
-def _atomic_h5(path: str):
-    """A temporary HDF5 file beside ``path``; the caller renames it into place when complete."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".pixelrefine-", suffix=".h5.part", dir=directory)
-    os.close(fd)
-    return tmp
+    return path
 
 
 def write_shoeboxes(path: str | os.PathLike, shoeboxes: ShoeboxSet, *, truth: dict | None = None,
@@ -215,16 +300,12 @@ def write_shoeboxes(path: str | os.PathLike, shoeboxes: ShoeboxSet, *, truth: di
     overwrite : bool
         Replace an existing file; never the file the set was read from.
     """
-    path = os.fspath(path)
     if compression not in COMPRESSION:
         raise ValueError(f"compression must be one of {list(COMPRESSION)}, not {compression!r}")
-    _refuse_existing(path, overwrite)
-    if shoeboxes.source and os.path.exists(path) and os.path.samefile(path, shoeboxes.source):
-        raise ValueError(f"{path}: is the set's own source file; refusing to overwrite it")
+    path = check_output_path(path, overwrite=overwrite, inputs=(shoeboxes.source,))
     filters = COMPRESSION[compression]
-    tmp = _atomic_h5(path)
-    try:
-        with h5py.File(tmp, "w") as f:
+    with _atomic_h5(path) as partial:
+        with h5py.File(partial, "w") as f:
             f.attrs["format"] = SHOEBOX_FORMAT
             f.attrs["format_version"] = np.int64(FORMAT_VERSION)
             for group, obj in (("detector", shoeboxes.detector), ("images", shoeboxes.images),
@@ -246,10 +327,6 @@ def write_shoeboxes(path: str | os.PathLike, shoeboxes: ShoeboxSet, *, truth: di
                             sub.attrs[name[1:]] = arr
                         else:
                             sub.create_dataset(name, data=np.asarray(arr))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_results(path: str | os.PathLike, results: Results, *, overwrite: bool = False) -> None:
@@ -258,14 +335,9 @@ def write_results(path: str | os.PathLike, results: Results, *, overwrite: bool 
     Refuses to write onto the input file the results came from (whatever ``overwrite``) and
     onto any existing file unless ``overwrite``. The file appears only when complete.
     """
-    path = os.fspath(path)
-    if results.input_file and os.path.exists(path) and os.path.exists(results.input_file) \
-            and os.path.samefile(path, results.input_file):
-        raise ValueError(f"{path}: is the input file; pixelrefine never writes into its input")
-    _refuse_existing(path, overwrite)
-    tmp = _atomic_h5(path)
-    try:
-        with h5py.File(tmp, "w") as f:
+    path = check_output_path(path, overwrite=overwrite, inputs=(results.input_file,))
+    with _atomic_h5(path) as partial:
+        with h5py.File(partial, "w") as f:
             f.attrs["format"] = RESULTS_FORMAT
             f.attrs["format_version"] = np.int64(FORMAT_VERSION)
             f.attrs["package_version"] = results.package_version
@@ -282,10 +354,6 @@ def write_results(path: str | os.PathLike, results: Results, *, overwrite: bool 
                 {str(bit): name for bit, name in FLAGS.items()})
             f["images/status"].attrs["codes"] = json.dumps(
                 {str(code): text for code, text in STATUS.items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_results(path: str | os.PathLike) -> Results:

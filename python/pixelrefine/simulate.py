@@ -1,36 +1,65 @@
-"""A still-image simulator from ground truth that follows ``conventions.md``.
+"""A still-image simulator from ground truth, written from ``conventions.md`` alone.
 
-Every prediction and profile comes from the C++ core's forward model (the same templated
-formulas the refinement uses), so the partiality formula stands in one place only; the
-simulator adds what a refinement does not model: pixel-integrated profiles (sub-pixel
-sampling), Poisson noise, reference intensities with a controlled error, masked pixels, a
-module gap and the panel edge.
+Nothing here is shared with the C++ core: the prediction (q = A·h, ε_r, ŝ_h, the ray's
+panel and c_pred), the polarisation, the partiality width R0_eff, the tangential basis
+(e1, e2), the tangential offset ε_t and the pixel's area on the Ewald sphere a are computed
+again in NumPy from the conventions' formulas, so a mistake in the refinement's forward model
+does not cancel against the same mistake in its test data. ``pixelrefine._core`` is neither
+imported nor called (the returned ``ShoeboxSet`` is only built, never validated, here).
+
+The truth it simulates is richer than the refinement's model: the spot is a Gaussian core with
+a per-image 2×2 tensor Σ in the (e1, e2) basis, optionally with a heavy tail of the same shape,
+centred at an offset δ from the prediction, integrated over each pixel on sub-pixel points; the
+background is a plane per shoebox; the counts are Poisson photons plus Gaussian read noise,
+times a gain, with zingers and neighbouring spots left unmasked; the stored orientation may be
+off by a known rotation. ``REGIMES`` names keyword sets for the regimes the tests cover.
+
+Truth (``ShoeboxSet.truth``, written to ``/truth`` by ``io.write_shoeboxes``):
+
+- ``images``: G, B, R1 = det(Σ)^¼, R1_tensor (Σ11, Σ12, Σ22) [N, 3], background (the level b),
+  rotation ω [N, 3] (true A' = R(ω)·A, A the stored matrix), gain.
+- ``global``: crystal_id, R0, eta (one row per crystal).
+- ``reflections``: intensity_true, intensity_model (J_true, photons), partiality, polarization,
+  excitation_error (true), d, xyzcal (c_pred from the stored A), xyz_true (the spot's true
+  centre), background_mean, background_gradient [M, 2] (photons/pixel per pixel),
+  fraction_in_box, has_neighbour, neighbour_intensity, n_zingers, intensity_crb and
+  intensity_crb_known_background (Cramér–Rao bounds on J, photons, as standard deviations).
+- ``pixels`` (``keep_expected=True``): expected (μ_p), profile (the main spot's
+  pixel-integrated profile P_p) and background (Bg_p), all in photons.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
-from . import _core
 from .shoeboxes import Detector, Images, Pixels, Reflections, ShoeboxSet
 
-__all__ = ["simulate", "reciprocal_basis", "random_rotation", "miller_indices", "LYSOZYME_CELL"]
+__all__ = ["simulate", "REGIMES", "tiled_detector", "predict", "Prediction", "rotation_matrix",
+           "reciprocal_basis", "random_rotation", "miller_indices", "spot_tensor",
+           "LYSOZYME_CELL", "MASKED_COUNTS"]
 
 #: Tetragonal hen egg-white lysozyme-like cell (Å, degrees).
 LYSOZYME_CELL = (79.1, 79.1, 37.9, 90.0, 90.0, 90.0)
 
-#: Value a dead or hot masked pixel holds in the simulated counts (ignored: mask = 0).
+#: Value a dead or gap pixel holds in the simulated counts (ignored: mask = 0).
 MASKED_COUNTS = 65535.0
 
+#: Sub-pixel points evaluated at once (bounds the memory of the profile integration).
+POINTS_PER_CHUNK = 1 << 18
 
-def reciprocal_basis(cell: tuple[float, ...]) -> np.ndarray:
+
+# --------------------------------------------------------------------------------------------
+# Crystal and detector
+# --------------------------------------------------------------------------------------------
+
+def reciprocal_basis(cell: Sequence[float]) -> np.ndarray:
     """B (Å⁻¹): columns a*, b*, c* in a Cartesian frame with a along x (Busing & Levy)."""
     a, b, c, alpha, beta, gamma = cell
     al, be, ga = np.radians([alpha, beta, gamma])
-    # Direct basis as columns, then B = (direct^T)^-1.
     ax = np.array([a, 0.0, 0.0])
     bx = np.array([b * np.cos(ga), b * np.sin(ga), 0.0])
     cx = c * np.cos(be)
@@ -49,6 +78,17 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
                      [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
 
 
+def rotation_matrix(omega: np.ndarray) -> np.ndarray:
+    """Rodrigues rotation R(ω) by |ω| about ω/|ω| (radians), for one ω [3] or many [N, 3]."""
+    omega = np.asarray(omega, float)
+    angle = np.linalg.norm(omega, axis=-1)[..., None, None]
+    k = omega / np.where(angle[..., 0, 0] > 0, angle[..., 0, 0], 1.0)[..., None]
+    K = np.zeros(omega.shape[:-1] + (3, 3))
+    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
+    K[..., 1, 0], K[..., 2, 0], K[..., 2, 1] = k[..., 2], -k[..., 1], k[..., 0]
+    return np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * (K @ K)
+
+
 def miller_indices(B: np.ndarray, d_min: float) -> np.ndarray:
     """All h ≠ 0 with d = 1/|B h| ≥ d_min, [K, 3] int32."""
     direct_lengths = np.linalg.norm(np.linalg.inv(B).T, axis=0)  # |a|, |b|, |c|
@@ -60,175 +100,374 @@ def miller_indices(B: np.ndarray, d_min: float) -> np.ndarray:
     return hkl[keep].astype(np.int32)
 
 
-def simulate(n_images: int = 20, *, seed: int = 0,
-             cell: tuple[float, ...] = LYSOZYME_CELL, d_min: float = 2.0,
-             wavelength: float = 1.3, bandwidth: float = 1e-3, polarization_fraction: float = 0.99,
-             distance: float = 60.0, pixel_size: float = 0.075,
-             panel_size: tuple[int, int] = (1030, 1064),
-             beam_centre: tuple[float, float] = (515.3, 532.7), read_noise: float = 0.0,
-             R0: float = 5e-4, eta: float = 0.0, R1: float = 1.0e-3, R1_spread: float = 0.15,
-             G_range: tuple[float, float] = (0.6, 1.4), B_sigma: float = 4.0,
-             background: float = 1.0, intensity_scale: float = 2000.0, wilson_B: float = 20.0,
-             reference_error: float = 0.05, reference_missing: float = 0.0,
-             min_partiality: float = 0.1, max_reflections: int | None = None,
-             shoebox_size: int = 7, subsample: int = 8, dead_pixel_fraction: float = 0.005,
-             gap_columns: tuple[int, int] | None = (700, 702),
-             orientations: np.ndarray | None = None, truth_override: dict | None = None,
-             keep_expected: bool = False) -> ShoeboxSet:
-    """Simulate still images of one crystal form and cut shoeboxes around the predictions.
+def tiled_detector(n_fast: int = 2, n_slow: int = 2, module_size: tuple[int, int] = (512, 512),
+                   gap: tuple[int, int] = (16, 16), *, pixel_size: float = 0.075,
+                   distance: float = 60.0, beam_centre: tuple[float, float] | None = None,
+                   read_noise: float = 0.0) -> Detector:
+    """Coplanar modules perpendicular to the beam, one panel each, with gaps between them.
 
     Parameters
     ----------
-    n_images : int
-        Number of stills, each with its own random orientation and true G, B, R1, background.
-    seed : int
-        Seed of every random draw (the same seed gives the same set).
-    cell, d_min
-        Unit cell (Å, °) and resolution limit (Å); intensities are P1, one per h.
-    wavelength, bandwidth, polarization_fraction
-        Beam (Å, rms σλ/λ, fraction along lab x).
-    distance, pixel_size, panel_size, beam_centre, read_noise
-        One flat panel perpendicular to the beam (mm, mm, pixels (nx, ny), pixels, photons).
-    R0, eta
-        True partiality width (Å⁻¹) and mosaic spread (rad), shared by all images.
-    R1, R1_spread
-        Mean true profile width (Å⁻¹) and its relative spread (uniform ±) across images.
-    G_range, B_sigma
-        True G uniform in ``G_range``; true B normal with sd ``B_sigma`` (Å²).
-    background
-        Mean background (photons/pixel); each image's level is uniform in [0.5, 1.5]× it.
-    intensity_scale, wilson_B
-        Wilson statistics: I_true ~ Exponential(mean = intensity_scale·exp(−wilson_B/(2d²))).
-    reference_error
-        Relative error of the reference: I_ref = I_true·exp(σ z − σ²/2), z ~ N(0, 1).
-    reference_missing
-        Fraction of reflections written with I_ref = NaN (no reference).
-    min_partiality, max_reflections
-        Reflections with partiality ≥ ``min_partiality`` whose prediction falls on the panel;
-        at most ``max_reflections`` per image (a random subset), if given.
-    shoebox_size, subsample
-        Square shoebox side (pixels), clipped by the panel edge; each pixel's expected counts
-        integrate the profile on subsample × subsample points.
-    dead_pixel_fraction, gap_columns
-        Random masked pixels, and a masked band of columns [x0, x1) (a module gap).
-    orientations : ndarray, optional
-        [n_images, 3, 3] U matrices to use instead of random ones.
-    truth_override : dict, optional
-        Per-image truth arrays to use instead of random ones ("G", "B", "R1", "background").
-    keep_expected : bool
-        Also keep every pixel's expected counts in ``truth["pixels"]["expected"]`` (to redraw
-        the noise without re-simulating).
+    n_fast, n_slow : int
+        Modules along lab x (fast) and lab y (slow); panel k = n_fast·row + column.
+    module_size : (int, int)
+        Pixels of one module (nx fast, ny slow).
+    gap : (int, int)
+        Width of the gaps between modules, in pixels (along fast, along slow).
+    pixel_size, distance, read_noise
+        mm, mm (crystal to the detector plane), photons.
+    beam_centre : (float, float), optional
+        Where the direct beam meets the plane, in pixel coordinates of a virtual panel that
+        spans all modules and gaps from the corner of module 0; default its middle (the beam
+        then falls into the central gap for an even number of modules).
 
     Returns
     -------
-    ShoeboxSet
-        With ``truth`` holding ``images`` (G, B, R1, background), ``global`` (R0, eta) and
-        ``reflections`` (intensity_true, intensity_model = J_true, partiality, d).
+    Detector
+        ``n_fast·n_slow`` panels; the default is a 2×2 detector of 512×512 modules, 16-px gaps.
     """
-    parameters = {k: v for k, v in locals().items()
-                  if k not in ("orientations", "truth_override", "keep_expected")}
-    rng = np.random.default_rng(seed)
-    detector = Detector.single_panel(distance, beam_centre, pixel_size, panel_size, read_noise)
-    B_matrix = reciprocal_basis(cell)
-    hkl_all = miller_indices(B_matrix, d_min)
-    d_all = 1.0 / np.linalg.norm(hkl_all @ B_matrix.T, axis=1)
-    intensity_true_all = intensity_scale * np.exp(-wilson_B / (2 * d_all**2)) * rng.exponential(size=len(hkl_all))
-
-    U = orientations if orientations is not None else np.stack([random_rotation(rng) for _ in range(n_images)])
-    images = Images(wavelength=np.full(n_images, wavelength), bandwidth=np.full(n_images, bandwidth),
-                    A_matrix=U @ B_matrix, polarization_fraction=np.full(n_images, polarization_fraction))
-    truth_images = {
-        "G": rng.uniform(*G_range, n_images),
-        "B": rng.normal(0.0, B_sigma, n_images),
-        "R1": R1 * rng.uniform(1 - R1_spread, 1 + R1_spread, n_images),
-        "background": background * rng.uniform(0.5, 1.5, n_images),
-    }
-    if truth_override:
-        truth_images.update({k: np.broadcast_to(np.asarray(v, float), (n_images,)).copy()
-                             for k, v in truth_override.items()})
-
-    geometry_only = ShoeboxSet(detector, images, _no_reflections(), Pixels(np.zeros(0), np.zeros(0)))
-    core = geometry_only.core()
-    R0_per_image = np.full(n_images, R0)
-    nx, ny = panel_size
-    chosen_image, chosen_index = [], []
-    for i in range(n_images):
-        pred = _core.predict(core, np.full(len(hkl_all), i, np.int32), np.zeros(len(hkl_all), np.int16),
-                             hkl_all, R0_per_image, eta)
-        x, y = pred["xyzcal"][:, 0], pred["xyzcal"][:, 1]
-        keep = np.flatnonzero((pred["hits_panel"] == 1) & (pred["partiality"] >= min_partiality)
-                              & (x >= 0) & (x < nx) & (y >= 0) & (y < ny))
-        if max_reflections is not None and len(keep) > max_reflections:
-            keep = np.sort(rng.choice(keep, max_reflections, replace=False))
-        chosen_image.append(np.full(len(keep), i, np.int32))
-        chosen_index.append(keep)
-    image_id = np.concatenate(chosen_image)
-    index = np.concatenate(chosen_index)
-    hkl = hkl_all[index]
-    M = len(index)
-
-    pred = _core.predict(core, image_id, np.zeros(M, np.int16), hkl, R0_per_image, eta,
-                         G=truth_images["G"], B=truth_images["B"])
-    half = shoebox_size // 2
-    x0 = np.floor(pred["xyzcal"][:, 0]).astype(np.int64) - half
-    y0 = np.floor(pred["xyzcal"][:, 1]).astype(np.int64) - half
-    bbox = np.stack([np.clip(x0, 0, nx), np.clip(x0 + shoebox_size, 0, nx),
-                     np.clip(y0, 0, ny), np.clip(y0 + shoebox_size, 0, ny)], axis=1).astype(np.int32)
-    area = (bbox[:, 1] - bbox[:, 0]) * (bbox[:, 3] - bbox[:, 2])
-    pixel_offset = np.concatenate([[0], np.cumsum(area)[:-1]]).astype(np.int64)
-
-    intensity_true = intensity_true_all[index]
-    intensity_ref = intensity_true * np.exp(reference_error * rng.normal(size=M) - reference_error**2 / 2)
-    intensity_ref[rng.random(M) < reference_missing] = np.nan
-    # Weak Wilson draws can be ~0; a reference is positive by the format's rule.
-    intensity_ref = np.where(np.isnan(intensity_ref), np.nan, np.maximum(intensity_ref, 1e-6))
-    reflections = Reflections(image_id=image_id, miller_index=hkl, intensity_ref=intensity_ref,
-                              bbox=bbox, pixel_offset=pixel_offset)
-    T = int(area.sum())
-    shoeboxes = ShoeboxSet(detector, images, reflections,
-                           Pixels(np.zeros(T, np.float32), np.ones(T, np.uint8)))
-    profile = _core.shoebox_profiles(shoeboxes.core(), truth_images["R1"], subsample=subsample)
-
-    amplitude = pred["scale"] * intensity_true  # J_true = G B_term p pol I_true
-    pixel_image = np.repeat(image_id, area)
-    expected = truth_images["background"][pixel_image] + np.repeat(amplitude, area) * profile
-    counts = rng.poisson(expected).astype(np.float64)
-    if read_noise > 0:
-        counts += rng.normal(0.0, read_noise, T)
-    mask = np.ones(T, np.uint8)
-    mask[rng.random(T) < dead_pixel_fraction] = 0
-    if gap_columns is not None:
-        pixel_x = _pixel_columns(bbox, area)
-        mask[(pixel_x >= gap_columns[0]) & (pixel_x < gap_columns[1])] = 0
-    counts[mask == 0] = MASKED_COUNTS
-    shoeboxes.pixels = Pixels(counts.astype(np.float32), mask)
-    shoeboxes._core_set = None
-    shoeboxes.truth = {
-        "images": truth_images,
-        "global": {"R0": np.array([R0]), "eta": np.array([eta]), "crystal_id": np.array([0], np.int32)},
-        "reflections": {"intensity_true": intensity_true, "intensity_model": amplitude,
-                        "partiality": pred["partiality"], "d": pred["d"],
-                        "xyzcal": pred["xyzcal"]},
-        "@parameters": json.dumps(_jsonable(parameters)),
-    }
-    if keep_expected:
-        shoeboxes.truth["pixels"] = {"expected": expected}
-    return shoeboxes
+    nx, ny = module_size
+    total = (n_fast * nx + (n_fast - 1) * gap[0], n_slow * ny + (n_slow - 1) * gap[1])
+    bx, by = beam_centre if beam_centre is not None else (total[0] / 2, total[1] / 2)
+    origins = [[(column * (nx + gap[0]) - bx) * pixel_size, (row * (ny + gap[1]) - by) * pixel_size,
+                distance] for row in range(n_slow) for column in range(n_fast)]
+    count = len(origins)
+    return Detector(origin=origins, fast_axis=[[1.0, 0.0, 0.0]] * count,
+                    slow_axis=[[0.0, 1.0, 0.0]] * count, pixel_size=[pixel_size] * count,
+                    size=[[nx, ny]] * count, read_noise=[read_noise] * count)
 
 
-def _no_reflections() -> Reflections:
-    empty = np.zeros(0)
-    return Reflections(image_id=empty, miller_index=np.zeros((0, 3)), intensity_ref=empty,
-                       bbox=np.zeros((0, 4)), pixel_offset=empty)
+def _panel_normals(detector: Detector) -> np.ndarray:
+    """Unit normal n̂ = unit(f × e) of every panel, [P, 3]."""
+    n = np.cross(detector.fast_axis, detector.slow_axis)
+    return n / np.linalg.norm(n, axis=1, keepdims=True)
 
 
-def _pixel_columns(bbox: np.ndarray, area: np.ndarray) -> np.ndarray:
-    """Panel x index of every stored pixel (row-major boxes)."""
-    width = bbox[:, 1] - bbox[:, 0]
-    start = np.repeat(np.concatenate([[0], np.cumsum(area)[:-1]]), area)
-    local = np.arange(int(area.sum())) - start
-    return np.repeat(bbox[:, 0], area) + local % np.repeat(width, area)
+def panel_position(detector: Detector, panel: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Lab position r = o + x·p·f + y·p·e (mm) of continuous pixel coordinates, [K, 3]."""
+    p = detector.pixel_size[panel][:, None]
+    return (detector.origin[panel] + xy[:, :1] * p * detector.fast_axis[panel]
+            + xy[:, 1:2] * p * detector.slow_axis[panel])
 
 
-def _jsonable(parameters: dict[str, Any]) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in parameters.items()}
+def ray_on_panel(detector: Detector, panel: np.ndarray, direction: np.ndarray):
+    """Where rays from the crystal along ``direction`` meet the plane of ``panel``.
+
+    Returns
+    -------
+    xy : ndarray [K, 2]
+        Continuous pixel coordinates (solved with the Gram matrix of (f, e), exact for unit axes
+        that are not quite orthogonal).
+    distance : ndarray [K]
+        Ray parameter t (mm) with r = t·direction; ≤ 0 or not finite: the plane is not ahead.
+    """
+    origin, fast, slow = detector.origin[panel], detector.fast_axis[panel], detector.slow_axis[panel]
+    normal = _panel_normals(detector)[panel]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        distance = np.einsum("ij,ij->i", origin, normal) / np.einsum("ij,ij->i", direction, normal)
+    offset = distance[:, None] * direction - origin
+    along_fast = np.einsum("ij,ij->i", offset, fast)
+    along_slow = np.einsum("ij,ij->i", offset, slow)
+    cosine = np.einsum("ij,ij->i", fast, slow)
+    scale = (1.0 - cosine**2) * detector.pixel_size[panel]
+    xy = np.stack([(along_fast - cosine * along_slow) / scale,
+                   (along_slow - cosine * along_fast) / scale], axis=1)
+    return xy, distance
+
+
+def _inside(detector: Detector, panel: np.ndarray, xy: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    size = detector.size[panel]
+    with np.errstate(invalid="ignore"):
+        return (np.isfinite(distance) & (distance > 0) & (xy[:, 0] >= 0) & (xy[:, 0] < size[:, 0])
+                & (xy[:, 1] >= 0) & (xy[:, 1] < size[:, 1]))
+
+
+def ray_panel(detector: Detector, direction: np.ndarray):
+    """The panel each ray hits inside (the nearest if several), its c_pred and distance.
+
+    Returns
+    -------
+    panel : ndarray [K] int (−1: no panel hit), xy : ndarray [K, 2], distance : ndarray [K]
+    """
+    K = len(direction)
+    panel = np.full(K, -1)
+    xy = np.full((K, 2), np.nan)
+    distance = np.full(K, np.inf)
+    for k in range(len(detector.pixel_size)):
+        xy_k, t_k = ray_on_panel(detector, np.full(K, k), direction)
+        closer = _inside(detector, np.full(K, k), xy_k, t_k) & (t_k < distance)
+        panel[closer], xy[closer], distance[closer] = k, xy_k[closer], t_k[closer]
+    distance[panel < 0] = np.nan
+    return panel, xy, distance
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction (conventions.md, "Crystal and prediction")
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Prediction:
+    """What the geometry predicts for K reflections of one image (conventions.md)."""
+
+    d: np.ndarray                  #: resolution 1/|q| (Å)
+    excitation_error: np.ndarray   #: ε_r = |s0 + q| − 1/λ (Å⁻¹)
+    s_hat: np.ndarray              #: ŝ_h = (s0 + q)/|s0 + q|, [K, 3]
+    e1: np.ndarray                 #: unit(ẑ × ŝ_h), [K, 3]
+    e2: np.ndarray                 #: ŝ_h × e1, [K, 3]
+    polarization: np.ndarray       #: 1 − f ŝx² − (1 − f) ŝy²
+
+
+def predict(A: np.ndarray, hkl: np.ndarray, wavelength: float,
+            polarization_fraction: float) -> Prediction:
+    """Predict reflections h of one still with orientation matrix A (q = A·h).
+
+    Where the ray along ŝ_h meets the detector is ``ray_panel`` / ``ray_on_panel``.
+    """
+    q = np.asarray(hkl, float) @ np.asarray(A, float).T
+    s = q + np.array([0.0, 0.0, 1.0 / wavelength])
+    s_norm = np.linalg.norm(s, axis=1)
+    s_hat = s / s_norm[:, None]
+    e1, e2 = tangential_basis(s_hat)
+    f = polarization_fraction
+    return Prediction(d=1.0 / np.linalg.norm(q, axis=1), excitation_error=s_norm - 1.0 / wavelength,
+                      s_hat=s_hat, e1=e1, e2=e2,
+                      polarization=1.0 - f * s_hat[:, 0]**2 - (1.0 - f) * s_hat[:, 1]**2)
+
+
+def tangential_basis(s_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """e1 = unit(ẑ × ŝ) (azimuthal) and e2 = ŝ × e1 (in the scattering plane), [K, 3] each."""
+    rho = np.hypot(s_hat[:, 0], s_hat[:, 1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        e1 = np.stack([-s_hat[:, 1] / rho, s_hat[:, 0] / rho, np.zeros(len(s_hat))], axis=1)
+    return e1, np.cross(s_hat, e1)
+
+
+def partiality_width_sq(R0: np.ndarray, eta: np.ndarray, d: np.ndarray, wavelength: float,
+                        bandwidth: float) -> np.ndarray:
+    """R0_eff² = R0² + 2 (η cosθ/d)² + (bλ)²/(2 d⁴), with sinθ = λ/(2d)."""
+    cos_theta_sq = 1.0 - (wavelength / (2.0 * d))**2
+    return R0**2 + 2.0 * eta**2 * cos_theta_sq / d**2 + (bandwidth * wavelength)**2 / (2.0 * d**4)
+
+
+def tangential_offset(position: np.ndarray, e1: np.ndarray, e2: np.ndarray,
+                      wavelength: np.ndarray | float) -> np.ndarray:
+    """ε_t = ((s(r) − ŝ_h/λ)·e1, (s(r) − ŝ_h/λ)·e2) of lab points r, with s(r) = r̂/λ, [K, 2].
+
+    ŝ_h·e1 = ŝ_h·e2 = 0, so ε_t = (r̂·e1, r̂·e2)/λ.
+    """
+    r_hat = position / np.linalg.norm(position, axis=1, keepdims=True)
+    return np.stack([np.einsum("ij,ij->i", r_hat, e1), np.einsum("ij,ij->i", r_hat, e2)],
+                    axis=1) / np.reshape(wavelength, (-1, 1))
+
+
+def pixel_area(detector: Detector, panel: np.ndarray, position: np.ndarray,
+               wavelength: np.ndarray | float) -> np.ndarray:
+    """a = p²·|n̂·r̂|/(|r|²·λ²): a pixel's area on the Ewald sphere (Å⁻²) at lab points r."""
+    r = np.linalg.norm(position, axis=1)
+    cosine = np.abs(np.einsum("ij,ij->i", position, _panel_normals(detector)[panel])) / r
+    return detector.pixel_size[panel]**2 * cosine / (r**2 * np.asarray(wavelength)**2)
+
+
+# --------------------------------------------------------------------------------------------
+# The spot: an area-normalised density on the tangent plane, integrated over pixels
+# --------------------------------------------------------------------------------------------
+
+def spot_tensor(R1: np.ndarray, anisotropy: np.ndarray, angle: np.ndarray) -> np.ndarray:
+    """Σ = R1²·Rot(φ)·diag(k, 1/k)·Rot(φ)ᵀ as (Σ11, Σ12, Σ22), [N, 3] (Å⁻²).
+
+    k = ``anisotropy`` is the ratio of the long to the short axis (standard deviations), φ the
+    angle of the long axis from e1; det Σ = R1⁴, so R1 = det(Σ)^¼ for every k.
+    """
+    c, s = np.cos(angle), np.sin(angle)
+    long_, short = R1**2 * anisotropy, R1**2 / anisotropy
+    return np.stack([long_ * c * c + short * s * s, (long_ - short) * c * s,
+                     long_ * s * s + short * c * c], axis=-1)
+
+
+def _inverse_tensor(tensor: np.ndarray) -> np.ndarray:
+    """M = Σ⁻¹ as (M11, M12, M22)."""
+    det = tensor[..., 0] * tensor[..., 2] - tensor[..., 1]**2
+    return np.stack([tensor[..., 2], -tensor[..., 1], tensor[..., 0]], axis=-1) / det[..., None]
+
+
+@dataclass
+class SpotShape:
+    """The profile family shared by every spot of a set: Gaussian core plus optional tail.
+
+    f = (1 − t)·f_G + t·f_T, f_G = sqrt(det M)/π·exp(−εᵀMε),
+    f_T = (β − 1)/π·sqrt(det M_T)·(1 + εᵀM_Tε)^(−β), M_T = M/tail_scale².
+    """
+
+    tail_fraction: float = 0.0
+    tail_scale: float = 3.0
+    tail_beta: float = 2.0
+
+    def density(self, quadratic: np.ndarray, sqrt_det: np.ndarray) -> np.ndarray:
+        """f at points with εᵀMε = ``quadratic``, sqrt(det M) = ``sqrt_det`` (broadcast), Å²."""
+        core = np.exp(-quadratic)
+        core *= sqrt_det / np.pi
+        if self.tail_fraction <= 0:
+            return core
+        scaled = quadratic / self.tail_scale**2
+        scaled += 1.0
+        tail = scaled**-2 if self.tail_beta == 2.0 else scaled**-self.tail_beta
+        tail *= (self.tail_beta - 1.0) / np.pi * sqrt_det / self.tail_scale**2
+        return (1.0 - self.tail_fraction) * core + self.tail_fraction * tail
+
+
+@dataclass
+class BoxPixels:
+    """Every shoebox pixel: its reflection row and integer panel indices (row-major boxes)."""
+
+    row: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    start: np.ndarray  #: first pixel of every box, [M]
+
+    @classmethod
+    def from_bbox(cls, bbox: np.ndarray) -> "BoxPixels":
+        width, height = bbox[:, 1] - bbox[:, 0], bbox[:, 3] - bbox[:, 2]
+        area = width * height
+        start = np.concatenate([[0], np.cumsum(area)[:-1]]).astype(np.int64)
+        row = np.repeat(np.arange(len(bbox)), area)
+        local = np.arange(int(area.sum())) - start[row]
+        return cls(row=row, x=bbox[row, 0] + local % width[row],
+                   y=bbox[row, 2] + local // width[row], start=start)
+
+    def box_sum(self, values: np.ndarray) -> np.ndarray:
+        """Σ of a per-pixel array over every box, [M] (boxes are never empty)."""
+        return np.add.reduceat(values, self.start) if len(self.start) else np.zeros(0)
+
+
+def _profile_coefficients(detector: Detector, panel: np.ndarray, wavelength: np.ndarray,
+                          e1: np.ndarray, e2: np.ndarray, centre: np.ndarray,
+                          inverse_tensor: np.ndarray) -> np.ndarray:
+    """Per-reflection constants of ε_t and a as functions of continuous pixel coordinates.
+
+    On a panel r(x, y) = o + x p f + y p e, so r·e_i is linear in (x, y), |r|² quadratic and
+    r·n̂ = o·n̂ constant: ε_t,i = (r·e_i)/(|r| λ) − δ_i, a = p²|o·n̂|/(|r|³ λ²).
+    Columns: r·e1 (3), r·e2 (3), |r|² (6), p²|o·n̂|/λ², 1/λ, δ (2), M (3), sqrt(det M).
+    """
+    o, f, e = detector.origin[panel], detector.fast_axis[panel], detector.slow_axis[panel]
+    p = detector.pixel_size[panel]
+    dot = lambda u, v: np.einsum("ij,ij->i", u, v)  # noqa: E731
+    normal = _panel_normals(detector)[panel]
+    det_M = inverse_tensor[:, 0] * inverse_tensor[:, 2] - inverse_tensor[:, 1]**2
+    return np.column_stack([
+        dot(o, e1), p * dot(f, e1), p * dot(e, e1), dot(o, e2), p * dot(f, e2), p * dot(e, e2),
+        dot(o, o), 2 * p * dot(o, f), 2 * p * dot(o, e), p**2 * dot(f, f), p**2 * dot(e, e),
+        2 * p**2 * dot(f, e), p**2 * np.abs(dot(o, normal)) / wavelength**2, 1.0 / wavelength,
+        centre, inverse_tensor, np.sqrt(det_M)])
+
+
+def _profile_chunk(c: np.ndarray, x: np.ndarray, y: np.ndarray, shape: SpotShape) -> np.ndarray:
+    """Mean of a·f over the sub-pixel points (x, y) [n, S²] of n pixels with constants c [n, 21]."""
+    col = lambda k: c[:, k:k + 1]  # noqa: E731
+    radius_sq = col(6) + x * (col(7) + col(9) * x + col(11) * y) + y * (col(8) + col(10) * y)
+    inverse_radius = 1.0 / np.sqrt(radius_sq)
+    scale = inverse_radius * col(13)
+    eps1 = (col(0) + col(1) * x + col(2) * y) * scale - col(14)
+    eps2 = (col(3) + col(4) * x + col(5) * y) * scale - col(15)
+    quadratic = eps1 * (col(16) * eps1 + 2.0 * col(17) * eps2) + col(18) * eps2 * eps2
+    density = shape.density(quadratic, col(19))
+    density *= col(12) * inverse_radius**3  # × a
+    return density.mean(axis=1)
+
+
+def pixel_integrated_profile(detector: Detector, pixels: BoxPixels, panel: np.ndarray,
+                             wavelength: np.ndarray, e1: np.ndarray, e2: np.ndarray,
+                             centre: np.ndarray, inverse_tensor: np.ndarray, shape: SpotShape,
+                             subsample: int = 8) -> np.ndarray:
+    """P_p = mean over subsample² points of a·f(ε_t − δ) for every box pixel, [T].
+
+    Parameters
+    ----------
+    detector, pixels
+        The panels and the box pixels (``BoxPixels.from_bbox``).
+    panel, wavelength, e1, e2, centre, inverse_tensor
+        Per reflection [M]: its panel, λ (Å), tangential basis at the spot's prediction, the
+        spot centre δ (Å⁻¹, in that basis) and M = Σ⁻¹ as (M11, M12, M22).
+    shape : SpotShape
+        Core and tail.
+    subsample : int
+        Points per pixel along each axis, at (i + (k + ½)/S, j + (l + ½)/S).
+    """
+    coefficients = _profile_coefficients(detector, panel, wavelength, e1, e2, centre, inverse_tensor)
+    offsets = (np.arange(subsample) + 0.5) / subsample
+    sub_x = np.tile(offsets, subsample)[None, :]
+    sub_y = np.repeat(offsets, subsample)[None, :]
+    profile = np.empty(len(pixels.row))
+    step = max(1, POINTS_PER_CHUNK // subsample**2)
+    for start in range(0, len(profile), step):
+        part = slice(start, start + step)
+        profile[part] = _profile_chunk(coefficients[pixels.row[part]],
+                                       pixels.x[part, None] + sub_x, pixels.y[part, None] + sub_y,
+                                       shape)
+    return profile
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+#: A Pilatus 2M-like detector: 3 × 8 modules of 487 × 195 pixels of 172 µm with 7-px gaps
+#: along fast and 17-px gaps along slow (1475 × 1679 px), 200 mm from the crystal, the beam
+#: near the middle of module row 3/4 (one panel per module, 24 panels).
+PILATUS_LIKE_DETECTOR = dict(n_fast=3, n_slow=8, module_size=(487, 195), gap=(7, 17),
+                             pixel_size=0.172, distance=200.0, beam_centre=(740.3, 830.6))
+
+#: Keyword sets of ``simulate`` naming the regimes the tests cover:
+#: ``simulate(n_images, seed=..., **REGIMES[name])``. Geometry is the default (60 mm, 75 µm,
+#: λ 1.3 Å, σ_spot ≈ 0.74 px for R1 = 1e-3 Å⁻¹) unless a preset says otherwise.
+REGIMES: dict[str, dict[str, Any]] = {
+    # Today's defaults: 7×7 boxes, isotropic σ ≈ 0.7 px, Bg ≈ 1 (0.5–1.5), 5 % reference error.
+    "comfortable": {},
+    # Spots filling 7×7 boxes: R1 1–2e-3 Å⁻¹ at 100 mm, 75 µm, λ = 1 Å (σ ≈ 0.95–1.9 px),
+    # Bg 0.5–5, reference 10 % off; R0 = 2.5e-3 Å⁻¹ gives ≈ 1,000 reflections per image.
+    "filling": dict(distance=100.0, wavelength=1.0, R0=2.5e-3, R1=1.5e-3, R1_spread=1 / 3,
+                    background=2.75, background_range=(0.5 / 2.75, 5.0 / 2.75),
+                    reference_error=0.10, max_reflections=1000, shoebox_size=7),
+    # Weak spots: mean J ≈ 300 photons on Bg 5–50 per pixel, 9×9 boxes, reference 30 % off.
+    "weak": dict(intensity_scale=1600.0, background=27.5, background_range=(5 / 27.5, 50 / 27.5),
+                 shoebox_size=9, reference_error=0.30),
+    # Wide spots: σ 1.5–2.5 px in 11×11 boxes, planar backgrounds (gradient sd 3 % of b per px).
+    "wide": dict(spot_sigma_px=(1.5, 2.5), shoebox_size=11, background_gradient=0.03),
+    # Small boxes: 5×5 with σ 0.5–0.8 px.
+    "small_box": dict(spot_sigma_px=(0.5, 0.8), shoebox_size=5),
+    # High background: Bg 100–300 photons per pixel (spots as today).
+    "high_background": dict(background=200.0, background_range=(0.5, 1.5)),
+    # An integrating detector: read noise 3 photons, counts = 1.7 × photons.
+    "read_noise": dict(read_noise=3.0, gain=1.7),
+    # Heavy tails: 30 % of each spot in a Lorentzian-like tail (scale 3, β = 2), 11×11 boxes.
+    "tails": dict(tail_fraction=0.3, tail_scale=3.0, tail_beta=2.0, shoebox_size=11),
+    # Anisotropic spots: 2–4 px long, 1–2 px wide (axis ratio 2, random angle), 15×15 boxes.
+    "anisotropic": dict(spot_sigma_px=(2**0.5, 2 * 2**0.5), anisotropy=2.0,
+                        anisotropy_angle=None, shoebox_size=15),
+    # Spot centres off the prediction by 1.2 px rms per axis (median 1.4 px), 9×9 boxes.
+    "offset": dict(centre_offset_px=1.2, shoebox_size=9),
+    # A stored orientation 0.5 mrad rms per axis off the true one (c_pred wrong by ~1 px).
+    "misoriented": dict(misorientation=5e-4, shoebox_size=9),
+    # Unmasked defects: zingers in 0.2 % of pixels, a neighbour's spot in 20 % of 11×11 boxes.
+    "zingers_neighbours": dict(zinger_fraction=2e-3, neighbour_fraction=0.2, shoebox_size=11),
+    # Three crystals of one form with R0 = 4, 6, 8e-4 Å⁻¹ (images round-robin).
+    "crystals": dict(n_crystals=3, R0=(4e-4, 6e-4, 8e-4)),
+    # A 2×2 tiled detector with 16-px gaps (the beam in the gap cross).
+    "tiled": dict(detector=tiled_detector(), gap_columns=None),
+    # Pilatus-like (a synchrotron, photon-counting pixel array detector with large boxes):
+    # PILATUS_LIKE_DETECTOR (24 modules of 172 µm at 200 mm, the middle of 150–250 mm), λ 1 Å,
+    # bandwidth 1e-4; boxes 13–47 px a side, median 38 (half uniform in 13–38, half in 38–47);
+    # spots σ 1–2 px (geometric mean of the axes) with axis ratio 1.2–2, 20 % tail (scale 3,
+    # β 2); centre offsets 1 px rms per axis (median 1.18 px); neighbours in 15 % of boxes;
+    # read noise 1 photon and gain 1.3 (not Pilatus physics: there to cross those code paths);
+    # R0 = 1e-3 Å⁻¹; at most 300 reflections per image.
+    "pilatus_like": dict(detector=tiled_detector(**PILATUS_LIKE_DETECTOR), gap_columns=None,
+                         wavelength=1.0, bandwidth=1e-4, R0=1e-3, shoebox_size=(13, 38, 47),
+                         spot_sigma_px=(1.0, 2.0), anisotropy=(1.2, 2.0), anisotropy_angle=None,
+                         tail_fraction=0.2, centre_offset_px=1.0, neighbour_fraction=0.15,
+                         read_noise=1.0, gain=1.3, background=2.0, dead_pixel_fraction=1e-3,
+                         max_reflections=300),
+    # No reference at all (every I_ref NaN).
+    "no_reference": dict(reference_missing=1.0),
+    # A reference on another scale (× 1e4) with absolute noise sd 1e5: ≈ 1 % negative I_ref.
+    "reference_scale": dict(reference_scale=1e4, reference_noise=1e5),
+}

@@ -97,64 +97,87 @@ class CoreShoeboxSet {
   ShoeboxSetView view_;
 };
 
+// The result arrays by name: (name, member, dtype is int32, columns per row: 0 = a vector,
+// -1 = k x k).
+struct ResultField {
+  const char* name;
+  bool per_image;
+  int columns;
+  double* ResultsView::*d;
+  int32_t* ResultsView::*i;
+};
+#define D_FIELD(name, per_image, columns) {#name, per_image, columns, &ResultsView::name, nullptr}
+#define I_FIELD(name, per_image) {#name, per_image, 0, nullptr, &ResultsView::name}
+const ResultField kResultFields[] = {
+    D_FIELD(G, true, 0), D_FIELD(G_sigma, true, 0), D_FIELD(B, true, 0), D_FIELD(B_sigma, true, 0),
+    D_FIELD(R1, true, 0), D_FIELD(R1_sigma, true, 0), D_FIELD(R1_tensor, true, 3),
+    D_FIELD(shape, true, kMaxShape), D_FIELD(rotation, true, 3), D_FIELD(rotation_sigma, true, 3),
+    D_FIELD(detector_shift, true, 0), D_FIELD(detector_shift_sigma, true, 0),
+    I_FIELD(status, true), I_FIELD(n_iterations, true), I_FIELD(n_outer, true),
+    D_FIELD(cost, true, 0), I_FIELD(n_reflections, true), I_FIELD(n_integrated, true),
+    D_FIELD(chi2_pixel, true, 0), D_FIELD(chi2_intensity, true, 0), D_FIELD(chi2_shape, true, 0),
+    D_FIELD(chi2_position, true, 0), D_FIELD(position_sigma, true, 0), D_FIELD(spot_sd, true, 0),
+    D_FIELD(covariance, true, -1), D_FIELD(R0_gradient, true, 0), D_FIELD(R0_curvature, true, 0),
+    D_FIELD(tail_gradient, true, 2), D_FIELD(tail_curvature, true, 3),
+    D_FIELD(background_chi2, true, 0), D_FIELD(background_dof, true, 0),
+    D_FIELD(intensity_prf, false, 0), D_FIELD(intensity_prf_sigma, false, 0),
+    D_FIELD(intensity_scaled, false, 0), D_FIELD(intensity_scaled_sigma, false, 0),
+    D_FIELD(intensity_model, false, 0), D_FIELD(intensity_count_sigma, false, 0),
+    D_FIELD(partiality, false, 0), D_FIELD(excitation_error, false, 0), D_FIELD(d, false, 0),
+    D_FIELD(xyzcal, false, 2), D_FIELD(xyzobs, false, 2), D_FIELD(m2_obs, false, 0),
+    D_FIELD(background, false, 0), D_FIELD(background_plane, false, 3),
+    D_FIELD(centre_offset, false, 2), D_FIELD(profile_fraction, false, 0), I_FIELD(flags, false),
+};
+#undef D_FIELD
+#undef I_FIELD
+
+template <typename T>
+T* result_array(py::dict results, const char* key, std::vector<py::ssize_t> shape) {
+  if (!results.contains(key)) throw std::invalid_argument(std::string("results: missing ") + key);
+  py::object obj = py::reinterpret_borrow<py::object>(results[key]);
+  Array<T> a = obj.cast<Array<T>>();
+  if (!obj.is(a) || !a.writeable())
+    throw std::invalid_argument(std::string("results: ") + key + " must be a writeable C-contiguous " +
+                                (std::is_same<T, int32_t>::value ? "int32" : "float64") + " array");
+  return checked_mutable(a, key, shape);
+}
+
 ResultsView results_view(py::dict results, int64_t n_images, int64_t n_reflections, int k) {
-  auto get_d = [&](const char* key, std::vector<py::ssize_t> shape) {
-    if (!results.contains(key)) throw std::invalid_argument(std::string("results: missing ") + key);
-    Array<double> a = py::reinterpret_borrow<py::object>(results[key]).cast<Array<double>>();
-    if (!py::reinterpret_borrow<py::object>(results[key]).is(a))
-      throw std::invalid_argument(std::string("results: ") + key + " must be C-contiguous float64");
-    return checked_mutable(a, key, shape);
-  };
-  auto get_i = [&](const char* key, std::vector<py::ssize_t> shape) {
-    if (!results.contains(key)) throw std::invalid_argument(std::string("results: missing ") + key);
-    Array<int32_t> a = py::reinterpret_borrow<py::object>(results[key]).cast<Array<int32_t>>();
-    if (!py::reinterpret_borrow<py::object>(results[key]).is(a))
-      throw std::invalid_argument(std::string("results: ") + key + " must be C-contiguous int32");
-    return checked_mutable(a, key, shape);
-  };
-  const py::ssize_t N = n_images, M = n_reflections;
   ResultsView out;
-  out.G = get_d("G", {N});
-  out.G_sigma = get_d("G_sigma", {N});
-  out.B = get_d("B", {N});
-  out.B_sigma = get_d("B_sigma", {N});
-  out.R1 = get_d("R1", {N});
-  out.R1_sigma = get_d("R1_sigma", {N});
-  out.rotation = get_d("rotation", {N, 3});
-  out.rotation_sigma = get_d("rotation_sigma", {N, 3});
-  out.detector_shift = get_d("detector_shift", {N});
-  out.detector_shift_sigma = get_d("detector_shift_sigma", {N});
-  out.status = get_i("status", {N});
-  out.n_iterations = get_i("n_iterations", {N});
-  out.cost = get_d("cost", {N});
-  out.n_reflections = get_i("n_reflections", {N});
-  out.covariance = get_d("covariance", {N, k, k});
-  out.intensity_prf = get_d("intensity_prf", {M});
-  out.intensity_prf_sigma = get_d("intensity_prf_sigma", {M});
-  out.intensity_scaled = get_d("intensity_scaled", {M});
-  out.intensity_scaled_sigma = get_d("intensity_scaled_sigma", {M});
-  out.partiality = get_d("partiality", {M});
-  out.excitation_error = get_d("excitation_error", {M});
-  out.d = get_d("d", {M});
-  out.xyzcal = get_d("xyzcal", {M, 2});
-  out.xyzobs = get_d("xyzobs", {M, 2});
-  out.m2_obs = get_d("m2_obs", {M});
-  out.background = get_d("background", {M});
-  out.flags = get_i("flags", {M});
+  out.n_covariance = k;
+  for (const ResultField& f : kResultFields) {
+    const py::ssize_t rows = f.per_image ? n_images : n_reflections;
+    std::vector<py::ssize_t> shape = {rows};
+    if (f.columns > 0) shape.push_back(f.columns);
+    if (f.columns < 0) shape = {rows, k, k};
+    if (f.d) out.*(f.d) = result_array<double>(results, f.name, shape);
+    else out.*(f.i) = result_array<int32_t>(results, f.name, shape);
+  }
   return out;
 }
 
-ImageModel image_model(const ShoeboxSetView& set, const Array<double>& R0, const Array<double>& R1,
+ImageModel image_model(const ShoeboxSetView& set, const Array<double>& R0,
                        const py::object& rotation, const py::object& detector_shift, double eta) {
   const py::ssize_t N = set.n_images;
   ImageModel model;
   model.R0 = checked(R0, "R0", {N});
-  model.R1 = checked(R1, "R1", {N});
   if (!rotation.is_none()) model.rotation = checked(rotation.cast<Array<double>>(), "rotation", {N, 3});
   if (!detector_shift.is_none())
     model.detector_shift = checked(detector_shift.cast<Array<double>>(), "detector_shift", {N});
   model.eta = eta;
   return model;
+}
+
+// (G, B, R1, a, c, t, s, omega[3], shift) as a parameter set.
+ImageParameters parameters_from(const std::vector<double>& v, const char* name) {
+  if (v.size() != 11) throw std::invalid_argument(std::string(name) + " must have 11 values");
+  ImageParameters p;
+  p.G = v[0];
+  p.B = v[1];
+  std::copy(v.begin() + 2, v.begin() + 7, p.phi);
+  std::copy(v.begin() + 7, v.begin() + 10, p.rotation);
+  p.detector_shift = v[10];
+  return p;
 }
 
 }  // namespace
@@ -191,30 +214,19 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<RefineOptions>(m, "RefineOptions", "Options of a refinement (see METHODS.md).")
       .def(py::init<>())
-      .def_readwrite("objective", &RefineOptions::objective)
-      .def_readwrite("R0", &RefineOptions::R0)
-      .def_readwrite("eta", &RefineOptions::eta)
-      .def_readwrite("sigma_G", &RefineOptions::sigma_G)
-      .def_readwrite("reference_sigma_rel", &RefineOptions::reference_sigma_rel)
-      .def_readwrite("refine_geometry", &RefineOptions::refine_geometry)
-      .def_readwrite("sigma_rotation", &RefineOptions::sigma_rotation)
-      .def_readwrite("sigma_shift", &RefineOptions::sigma_shift)
-      .def_readwrite("max_outer", &RefineOptions::max_outer)
-      .def_readwrite("max_iterations", &RefineOptions::max_iterations)
-      .def_readwrite("outer_tolerance", &RefineOptions::outer_tolerance)
-      .def_readwrite("G_init", &RefineOptions::G_init)
-      .def_readwrite("B_init", &RefineOptions::B_init)
-      .def_readwrite("R1_init", &RefineOptions::R1_init)
-      .def_readwrite("B_min", &RefineOptions::B_min)
-      .def_readwrite("B_max", &RefineOptions::B_max)
-      .def_readwrite("min_background_pixels", &RefineOptions::min_background_pixels)
-      .def_readwrite("min_valid_pixels", &RefineOptions::min_valid_pixels)
-      .def_readwrite("min_reflections", &RefineOptions::min_reflections)
-      .def_readwrite("min_snr_shape", &RefineOptions::min_snr_shape)
-      .def_readwrite("outlier_sigma", &RefineOptions::outlier_sigma)
-      .def_readwrite("variance_floor", &RefineOptions::variance_floor)
-      .def_readwrite("loss", &RefineOptions::loss)
-      .def_readwrite("loss_scale", &RefineOptions::loss_scale);
+#define OPTION(name) .def_readwrite(#name, &RefineOptions::name)
+      OPTION(objective) OPTION(profile) OPTION(background) OPTION(R0) OPTION(eta)
+      OPTION(error_scale) OPTION(reference_error) OPTION(tail_fraction) OPTION(tail_scale)
+      OPTION(G_prior) OPTION(R0_sigma) OPTION(sigma_G) OPTION(refine_geometry) OPTION(sigma_rotation)
+      OPTION(sigma_shift) OPTION(max_outer) OPTION(max_iterations) OPTION(outer_tolerance)
+      OPTION(B_min) OPTION(B_max) OPTION(min_valid_pixels) OPTION(plane_min_pixels)
+      OPTION(min_reflections) OPTION(outlier_sigma) OPTION(pixel_outlier_sigma)
+      OPTION(min_profile_fraction) OPTION(min_partiality) OPTION(position_sigma)
+      OPTION(spot_sd_min) OPTION(chi2_max) OPTION(variance_floor) OPTION(loss) OPTION(loss_scale);
+#undef OPTION
+
+  m.def("covariance_names", &covariance_names, py::arg("options"),
+        "Names of the covariance's rows for these options.");
 
   m.def(
       "refine_images",
@@ -227,29 +239,19 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("shoeboxes"), py::arg("options"), py::arg("first"), py::arg("last"),
       py::arg("n_threads"), py::arg("results"),
-      "Refine images [first, last) on n_threads threads, writing rows of `results` in place.");
+      "Refine images [first, last) on n_threads threads, writing rows of `results` in place "
+      "(finite values there are the starting values: a warm start).");
 
   m.def(
       "evaluate_image",
       [](const CoreShoeboxSet& set, const RefineOptions& options, int64_t image,
-         std::vector<double> values, std::vector<double> weights_at) {
-        // values, weights_at: G, B, R1, omega_x, omega_y, omega_z, detector_shift
-        auto parameters = [](const std::vector<double>& v, const char* name) {
-          if (v.size() != 7) throw std::invalid_argument(std::string(name) + " must have 7 values");
-          ImageParameters p;
-          p.G = v[0];
-          p.B = v[1];
-          p.R1 = v[2];
-          std::copy(v.begin() + 3, v.begin() + 6, p.rotation);
-          p.detector_shift = v[6];
-          return p;
-        };
-        const ImageParameters params = parameters(values, "values");
-        const ImageParameters held = parameters(weights_at.empty() ? values : weights_at, "weights_at");
+         std::vector<double> values, std::vector<double> held, int passes) {
+        const ImageParameters params = parameters_from(values, "values");
+        const ImageParameters at = parameters_from(held.empty() ? values : held, "held");
         ImageEvaluation e;
         {
           py::gil_scoped_release release;
-          e = evaluate_image(set.view(), image, options, params, held);
+          e = evaluate_image(set.view(), image, options, params, at, passes);
         }
         const py::ssize_t n = py::ssize_t(e.residuals.size());
         Array<int32_t> term(n), row(n);
@@ -268,23 +270,18 @@ PYBIND11_MODULE(_core, m) {
         return out;
       },
       py::arg("shoeboxes"), py::arg("options"), py::arg("image"), py::arg("values"),
-      py::arg("weights_at") = std::vector<double>{},
-      "Residuals, autodiff Jacobian (columns G, B, R1[, omega, shift]), their terms and rows, "
-      "and J per reflection of one image at values = (G, B, R1, omega[3], shift), with weights "
-      "evaluated at weights_at (default: values).");
+      py::arg("held") = std::vector<double>{}, py::arg("passes") = 1,
+      "Residuals, autodiff Jacobian (columns in covariance order), their terms and rows, and J "
+      "per reflection of one image at values = (G, B, R1, a, c, t, s, omega[3], shift), after "
+      "`passes` passes of per-reflection fits at held (default: values).");
 
   m.def(
       "model_counts",
-      [](const CoreShoeboxSet& set, const RefineOptions& options, Array<double> G, Array<double> B,
-         Array<double> R1, Array<double> rotation, Array<double> detector_shift, int n_threads) {
+      [](const CoreShoeboxSet& set, const RefineOptions& options, py::dict results, int n_threads) {
         const ShoeboxSetView& v = set.view();
-        const py::ssize_t N = v.n_images;
-        const double* g = checked(G, "G", {N});
-        const double* b = checked(B, "B", {N});
-        const double* r1 = checked(R1, "R1", {N});
-        const double* omega = checked(rotation, "rotation", {N, 3});
-        const double* shift = checked(detector_shift, "detector_shift", {N});
         validate_options(options, v);
+        const ResultsView view = results_view(results, v.n_images, v.n_reflections,
+                                              covariance_size(options));
         Array<double> mu(v.n_pixels), var(v.n_pixels);
         std::fill(mu.mutable_data(), mu.mutable_data() + v.n_pixels, kNaN);
         std::fill(var.mutable_data(), var.mutable_data() + v.n_pixels, kNaN);
@@ -294,17 +291,8 @@ PYBIND11_MODULE(_core, m) {
           py::gil_scoped_release release;
           std::atomic<int64_t> next(0);
           auto worker = [&]() {
-            for (int64_t i = next++; i < N; i = next++) {
-              ImageParameters p;
-              const bool scaled = std::isfinite(g[i]) && std::isfinite(b[i]);
-              p.G = scaled ? g[i] : 1.0;
-              p.B = scaled ? b[i] : 0.0;
-              p.R1 = r1[i];
-              for (int k = 0; k < 3; ++k) p.rotation[k] = std::isfinite(omega[3 * i + k]) ? omega[3 * i + k] : 0.0;
-              p.detector_shift = std::isfinite(shift[i]) ? shift[i] : 0.0;
-              if (!(std::isfinite(p.R1) && p.R1 > 0.0)) continue;
-              model_counts(v, i, options, p, scaled, mu_out, var_out);
-            }
+            for (int64_t i = next++; i < v.n_images; i = next++)
+              model_counts(v, i, options, view, mu_out, var_out);
           };
           std::vector<std::thread> pool;
           for (int t = 1; t < std::max(1, n_threads); ++t) pool.emplace_back(worker);
@@ -313,11 +301,9 @@ PYBIND11_MODULE(_core, m) {
         }
         return py::make_tuple(mu, var);
       },
-      py::arg("shoeboxes"), py::arg("options"), py::arg("G").noconvert(), py::arg("B").noconvert(),
-      py::arg("R1").noconvert(), py::arg("rotation").noconvert(),
-      py::arg("detector_shift").noconvert(), py::arg("n_threads") = 1,
-      "Expected counts mu_p and model variance v_p of every shoebox pixel at per-image "
-      "parameters (NaN G or B: not scaled, the fitted J is the amplitude).");
+      py::arg("shoeboxes"), py::arg("options"), py::arg("results"), py::arg("n_threads") = 1,
+      "Expected counts mu_p and model variance v_p of every shoebox pixel at a refinement's "
+      "results (NaN G: not scaled, the fitted J is the amplitude).");
 
   m.def("trivial_solve_seconds", &trivial_solve_seconds, py::arg("repeats") = 1000,
         py::call_guard<py::gil_scoped_release>(),
@@ -327,16 +313,14 @@ PYBIND11_MODULE(_core, m) {
       "predict",
       [](const CoreShoeboxSet& set, Array<int32_t> image_id, Array<int16_t> panel,
          Array<int32_t> miller_index, Array<double> R0, double eta, py::object rotation,
-         py::object detector_shift, py::object G, py::object B) {
+         py::object detector_shift) {
         const py::ssize_t M = image_id.shape(0);
         PredictionArrays arrays;
         arrays.n = M;
         arrays.image_id = checked(image_id, "image_id", {M});
         arrays.panel = checked(panel, "panel", {M});
         arrays.miller_index = checked(miller_index, "miller_index", {M, 3});
-        Array<double> R1(set.view().n_images);
-        std::fill(R1.mutable_data(), R1.mutable_data() + R1.size(), 1.0);
-        const ImageModel model = image_model(set.view(), R0, R1, rotation, detector_shift, eta);
+        const ImageModel model = image_model(set.view(), R0, rotation, detector_shift, eta);
         Array<double> d(M), eps(M), p(M), pol(M), xyz({M, py::ssize_t(2)});
         Array<uint8_t> hits(M);
         arrays.d = d.mutable_data();
@@ -356,43 +340,26 @@ PYBIND11_MODULE(_core, m) {
         out["polarization"] = pol;
         out["xyzcal"] = xyz;
         out["hits_panel"] = hits;
-        if (!G.is_none() && !B.is_none()) {
-          // scale = G B_term p pol = J_model / I_ref
-          const double* g = checked(G.cast<Array<double>>(), "G", {set.view().n_images});
-          const double* b = checked(B.cast<Array<double>>(), "B", {set.view().n_images});
-          Array<double> scale(M);
-          for (py::ssize_t r = 0; r < M; ++r) {
-            const int64_t i = arrays.image_id[r];
-            scale.mutable_data()[r] = intensity_model(g[i], b[i], arrays.d[r], arrays.partiality[r],
-                                                      arrays.polarization[r], 1.0);
-          }
-          out["scale"] = scale;
-        }
         return out;
       },
       py::arg("shoeboxes"), py::arg("image_id").noconvert(), py::arg("panel").noconvert(),
       py::arg("miller_index").noconvert(), py::arg("R0").noconvert(), py::arg("eta") = 0.0,
       py::arg("rotation") = py::none(), py::arg("detector_shift") = py::none(),
-      py::arg("G") = py::none(), py::arg("B") = py::none(),
-      "Predict reflections of the set's images (only its detector and images are used); with "
-      "per-image G and B also scale = G B_term p pol.");
+      "Predict reflections of the set's images (only its detector and images are used).");
 
   m.def(
-      "shoebox_profiles",
-      [](const CoreShoeboxSet& set, Array<double> R1, py::object rotation,
-         py::object detector_shift, int subsample) {
-        Array<double> R0(set.view().n_images);  // the profile does not depend on R0
-        std::fill(R0.mutable_data(), R0.mutable_data() + R0.size(), 0.0);
-        const ImageModel model = image_model(set.view(), R0, R1, rotation, detector_shift, 0.0);
-        Array<double> out(set.view().n_pixels);
-        {
-          py::gil_scoped_release release;
-          shoebox_profiles(set.view(), model, subsample, out.mutable_data());
-        }
-        return out;
+      "check_profile",
+      [](double eps1, double eps2, std::vector<double> phi, std::vector<double> S,
+         std::vector<double> pixel, std::vector<double> delta, bool tail) {
+        if (phi.size() != kMaxShape || S.size() != 3 || pixel.size() != 3 || delta.size() != 2)
+          throw std::invalid_argument("phi needs 5 values, S and pixel 3, delta 2");
+        const ProfileCheck c = check_profile(eps1, eps2, phi.data(), S.data(), pixel.data(),
+                                             delta.data(), tail);
+        return py::make_tuple(c.value, std::vector<double>(c.by_hand, c.by_hand + 7),
+                              std::vector<double>(c.autodiff, c.autodiff + 7));
       },
-      py::arg("shoeboxes"), py::arg("R1").noconvert(), py::arg("rotation") = py::none(), py::arg("detector_shift") = py::none(),
-      py::arg("subsample") = 1,
-      "Area-normalised profile of every shoebox pixel, integrated over the pixel by "
-      "subsample x subsample sampling.");
+      py::arg("eps1"), py::arg("eps2"), py::arg("phi"), py::arg("S"), py::arg("pixel"),
+      py::arg("delta"), py::arg("tail"),
+      "The profile at one offset and its derivatives in (R1, a, c, t, s, delta1, delta2): "
+      "(value, by hand, by autodiff).");
 }

@@ -6,14 +6,6 @@
 #include "physics.h"
 
 namespace pixelrefine {
-namespace {
-
-void image_geometry(const ImageModel& model, int64_t image, double omega[3], double* shift) {
-  for (int i = 0; i < 3; ++i) omega[i] = model.rotation ? model.rotation[3 * image + i] : 0.0;
-  *shift = model.detector_shift ? model.detector_shift[image] : 0.0;
-}
-
-}  // namespace
 
 void predict_reflections(const ShoeboxSetView& set, const ImageModel& model,
                          const PredictionArrays& arrays) {
@@ -24,8 +16,9 @@ void predict_reflections(const ShoeboxSetView& set, const ImageModel& model,
       throw std::invalid_argument("image_id row " + std::to_string(r) + " is not an image");
     if (panel < 0 || panel >= set.n_panels)
       throw std::invalid_argument("panel row " + std::to_string(r) + " is not a panel");
-    double omega[3], shift;
-    image_geometry(model, image, omega, &shift);
+    double omega[3];
+    for (int i = 0; i < 3; ++i) omega[i] = model.rotation ? model.rotation[3 * image + i] : 0.0;
+    const double shift = model.detector_shift ? model.detector_shift[image] : 0.0;
     const double wavelength = set.wavelength[image];
     const Prediction<double> pred =
         predict(set.A_matrix + 9 * image, arrays.miller_index + 3 * r, wavelength,
@@ -42,40 +35,38 @@ void predict_reflections(const ShoeboxSetView& set, const ImageModel& model,
   }
 }
 
-void shoebox_profiles(const ShoeboxSetView& set, const ImageModel& model, int subsample,
-                      double* out) {
-  if (subsample < 1) throw std::invalid_argument("subsample must be >= 1");
-  const double step = 1.0 / subsample;
-  const double weight = step * step;
-  for (int64_t r = 0; r < set.n_reflections; ++r) {
-    const int64_t image = set.image_id[r];
-    const Panel& panel = set.panels[set.panel[r]];
-    double omega[3], shift;
-    image_geometry(model, image, omega, &shift);
-    const double wavelength = set.wavelength[image];
-    const double inverse_width_sq = 1.0 / (model.R1[image] * model.R1[image]);
-    const Prediction<double> pred =
-        predict(set.A_matrix + 9 * image, set.miller_index + 3 * r, wavelength,
-                set.polarization_fraction[image], panel, omega, shift);
-    const int32_t* b = set.bbox + 4 * r;
-    int64_t t = set.pixel_offset[r];
-    for (int32_t j = b[2]; j < b[3]; ++j) {
-      for (int32_t i = b[0]; i < b[1]; ++i, ++t) {
-        double sum = 0.0;
-        for (int sj = 0; sj < subsample; ++sj) {
-          for (int si = 0; si < subsample; ++si) {
-            double eps_t[2], area;
-            tangential_offset(panel, pred, wavelength, shift, i + (si + 0.5) * step,
-                              j + (sj + 0.5) * step, eps_t, &area);
-            // The true (unsmoothed) profile at the sub-pixel point, times the pixel's area.
-            sum += area * tangential_density(eps_t[0] * eps_t[0] + eps_t[1] * eps_t[1],
-                                             inverse_width_sq);
-          }
-        }
-        out[t] = sum * weight;
-      }
-    }
-  }
+ProfileCheck check_profile(double eps1, double eps2, const double phi[kMaxShape],
+                           const double S[3], const double pixel[3], const double delta[2],
+                           bool tail) {
+  ProfileCheck out;
+  // By hand: d f / d M chained with d M / d (R1, a, c) (a 3-Jet), as the pass does.
+  using Jet3 = ceres::Jet<double, 3>;
+  Jet3 p3[kMaxShape];
+  for (int k = 0; k < kMaxShape; ++k) p3[k] = Jet3(phi[k]);
+  for (int k = 0; k < 3; ++k) p3[k].v[k] = 1.0;
+  const Sym2<Jet3> M3 = profile_precision(p3, S, pixel);
+  const Sym2<double> M = {M3.m11.a, M3.m12.a, M3.m22.a};
+  const double det = M.det();
+  const double t = tail ? phi[kShapeTail] : 0.0;
+  const ProfileDerivatives f = profile_with_derivatives(eps1 - delta[0], eps2 - delta[1], M, det,
+                                                        std::sqrt(det), t, phi[kShapeTailScale], tail);
+  out.value = f.value;
+  for (int k = 0; k < 3; ++k)
+    out.by_hand[k] = f.d_m[0] * M3.m11.v[k] + f.d_m[1] * M3.m12.v[k] + f.d_m[2] * M3.m22.v[k];
+  out.by_hand[3] = tail ? f.d_tail : 0.0;
+  out.by_hand[4] = tail ? f.d_tail_scale : 0.0;
+  out.by_hand[5] = f.d_delta[0];
+  out.by_hand[6] = f.d_delta[1];
+  // Autodiff of the templated density in all seven.
+  using Jet7 = ceres::Jet<double, 7>;
+  Jet7 p7[kMaxShape];
+  for (int k = 0; k < kMaxShape; ++k) p7[k] = Jet7(phi[k], k);
+  const Jet7 d1(delta[0], 5), d2(delta[1], 6);
+  const Sym2<Jet7> M7 = profile_precision(p7, S, pixel);
+  const Jet7 value = profile_density(Jet7(eps1) - d1, Jet7(eps2) - d2, M7,
+                                     tail ? p7[kShapeTail] : Jet7(0.0), p7[kShapeTailScale]);
+  for (int k = 0; k < 7; ++k) out.autodiff[k] = value.v[k];
+  return out;
 }
 
 }  // namespace pixelrefine

@@ -1,10 +1,11 @@
 // The forward model evaluated outside a refinement: predictions for arbitrary Miller indices
-// (used by the simulator to choose reflections) and pixel-integrated profiles of shoeboxes
-// (used by the simulator to draw counts and by `report` to compare model and data).
+// (tests and reports) and the profile with its derivatives at given offsets (tests of the
+// hand-written derivatives against autodiff).
 #pragma once
 
 #include <cstdint>
 
+#include "profile.h"
 #include "shoebox_view.h"
 
 namespace pixelrefine {
@@ -25,7 +26,6 @@ struct PredictionArrays {
 // Per-image geometry and widths: R0 per image, rotation [N, 3] and shift [N] (may be null).
 struct ImageModel {
   const double* R0 = nullptr;
-  const double* R1 = nullptr;
   const double* rotation = nullptr;
   const double* detector_shift = nullptr;
   double eta = 0.0;
@@ -35,10 +35,16 @@ struct ImageModel {
 void predict_reflections(const ShoeboxSetView& set, const ImageModel& model,
                          const PredictionArrays& arrays);
 
-// Area-normalised profile integrated over every pixel of every shoebox (masked ones too) by
-// subsample x subsample sampling of each pixel: out[t] = (1/k^2) sum_sub a g / (pi R1^2), g
-// the true profile at the sub-pixel point (no pixel smoothing: the sampling does that).
-void shoebox_profiles(const ShoeboxSetView& set, const ImageModel& model, int subsample,
-                      double* out);
+// The profile f(eps - delta) of profile.h at one offset, with its derivatives in
+// (R1, a, c, t, s, delta1, delta2): by hand (profile_with_derivatives chained through dM/dphi,
+// as the refinement computes them) and by Jet autodiff of profile_density.
+struct ProfileCheck {
+  double value = 0.0;
+  double by_hand[7] = {};
+  double autodiff[7] = {};
+};
+ProfileCheck check_profile(double eps1, double eps2, const double phi[kMaxShape],
+                           const double S[3], const double pixel[3], const double delta[2],
+                           bool tail);
 
 }  // namespace pixelrefine

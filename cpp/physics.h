@@ -129,7 +129,9 @@ template <typename T>
 inline T partiality_width_sq(const T& R0, const T& eta, const T& d, double wavelength,
                              double bandwidth) {
   const T sin_theta = T(wavelength) / (T(2.0) * d);
-  const T cos_theta_sq = T(1.0) - sin_theta * sin_theta;
+  // cos^2(theta) >= 0: beyond d = lambda/2 nothing diffracts (flagged by the callers).
+  T cos_theta_sq = T(1.0) - sin_theta * sin_theta;
+  if (cos_theta_sq < T(0.0)) cos_theta_sq = T(0.0);
   const T r_mos_sq = T(2.0) * eta * eta * cos_theta_sq / (d * d);
   const double b_lambda = bandwidth * wavelength;
   const T r_bw_sq = T(b_lambda * b_lambda) / (T(2.0) * d * d * d * d);
@@ -177,41 +179,6 @@ inline void tangential_offset(const Panel& panel, const Prediction<T>& pred, dou
       (r[0] * panel.normal[0] + r[1] * panel.normal[1] + r[2] * panel.normal[2]) / r_norm;
   *area = T(panel.pixel_size * panel.pixel_size) * abs(cos_incidence) /
           (r_norm * r_norm * T(wavelength * wavelength));
-}
-
-// The spot's tangential profile, isotropic of width R (given as 1/R^2):
-// g = exp(-|eps_t|^2 / R^2), and as a density on the Ewald sphere (per A^-2) g / (pi R^2),
-// which integrates to 1 over the tangent plane.
-template <typename T, typename D>
-inline T tangential_shape(const D& eps_t_sq, const T& inverse_width_sq) {
-  using std::exp;
-  return exp(-eps_t_sq * inverse_width_sq);
-}
-
-template <typename T>
-inline T tangential_normalisation(const T& inverse_width_sq) {
-  return inverse_width_sq * (1.0 / kPi);
-}
-
-template <typename T, typename D>
-inline T tangential_density(const D& eps_t_sq, const T& inverse_width_sq) {
-  return tangential_shape(eps_t_sq, inverse_width_sq) * tangential_normalisation(inverse_width_sq);
-}
-
-// The model's profile width R_p^2 = R1^2 + a/6: the profile sampled at a pixel centre is
-// smoothed by the pixel itself, a pixel of reciprocal width sqrt(a) adding a/12 of variance per
-// axis (second moment R1^2/2 + a/12, as conventions.md's M2_model). a is the reflection's mean
-// pixel area on the sphere (it varies by < 0.1 % across a shoebox).
-template <typename T>
-inline T profile_width_sq(const T& R1, double area) {
-  return R1 * R1 + area / 6.0;
-}
-
-// Area-normalised profile of one pixel, the model's P_p = a_p g_p / (pi R_p^2), from
-// 1/R_p^2. With a -> 0 it is conventions.md's a g / (pi R1^2).
-template <typename T, typename D>
-inline T profile_density(const D& eps_t_sq, const D& area, const T& inverse_width_sq) {
-  return area * tangential_density(eps_t_sq, inverse_width_sq);
 }
 
 }  // namespace pixelrefine

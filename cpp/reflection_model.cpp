@@ -4,65 +4,571 @@
 #include <cmath>
 #include <numeric>
 
+#include <Eigen/Dense>
+
 namespace pixelrefine {
 namespace {
 
-// Variance of a statistic linear in the counts, T = sum_p k_p (I_p - Bg_obs), when Bg_obs is
-// the mean of the reflection's background set: T = sum_p c_p I_p with
-// c_p = k_p - [p in set] K / n_bg, K = sum_p k_p, so var T = sum_p v_p c_p^2.
-double linear_statistic_variance(const ImageWork& w, const ReflectionFit& rf,
-                                 const std::vector<double>& k) {
-  double K = 0.0;
-  if (rf.n_background > 0) K = std::accumulate(k.begin(), k.end(), 0.0);
-  const double correction = rf.n_background > 0 ? K / rf.n_background : 0.0;
-  double variance = 0.0;
-  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-    const double c = k[i - rf.pixel_begin] - (w.in_background[i] ? correction : 0.0);
-    variance += c * c * w.variance[i];
-  }
-  return variance;
+using Matrix = Eigen::MatrixXd;
+using Vector = Eigen::VectorXd;
+
+// 2x2 helpers on (11, 12, 22) storage.
+Eigen::Matrix2d sym(const double s[3]) {
+  Eigen::Matrix2d m;
+  m << s[0], s[1], s[1], s[2];
+  return m;
+}
+void store_sym(const Eigen::Matrix2d& m, double s[3]) {
+  s[0] = m(0, 0);
+  s[1] = 0.5 * (m(0, 1) + m(1, 0));
+  s[2] = m(1, 1);
 }
 
-// Chooses the background set of one reflection and sets Bg_obs and the signal s = I - Bg_obs.
-void choose_background(ImageWork& work, ReflectionFit& rf, double file_background,
-                       const RefineOptions& options) {
+
+// Chooses each box's background model (file, flat or plane) and its normalisation.
+void choose_background_model(const RefineOptions& options, ReflectionFit& rf) {
+  const double x0 = rf.bbox[0], x1 = rf.bbox[1], y0 = rf.bbox[2], y1 = rf.bbox[3];
+  rf.box_centre[0] = 0.5 * (x0 + x1);
+  rf.box_centre[1] = 0.5 * (y0 + y1);
+  rf.box_half = std::max(1.0, 0.5 * std::max(x1 - x0, y1 - y0));
   const int64_t n = rf.pixel_end - rf.pixel_begin;
-  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) work.in_background[i] = 0;
-  if (!std::isnan(file_background)) {
-    rf.background_observed = file_background;
-    rf.n_background = 0;
+  if (std::isfinite(rf.file_background)) {
+    rf.n_background_parameters = 0;
+  } else if (options.background == "plane" ||
+             (options.background == "auto" && n >= options.plane_min_pixels)) {
+    rf.n_background_parameters = 3;
+    rf.flags |= kPlaneBackground;
   } else {
-    const double x0 = rf.bbox[0], x1 = rf.bbox[1], y0 = rf.bbox[2], y1 = rf.bbox[3];
-    int count = 0;
-    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-      const bool ring = work.x[i] < x0 + 1 || work.x[i] > x1 - 1 || work.y[i] < y0 + 1 ||
-                        work.y[i] > y1 - 1;
-      work.in_background[i] = ring;
-      count += ring;
-    }
-    if (count < options.min_background_pixels) {
-      const double cx = 0.5 * (x0 + x1), cy = 0.5 * (y0 + y1);
-      std::vector<int64_t> order(n);
-      std::iota(order.begin(), order.end(), rf.pixel_begin);
-      const int take = int(std::min<int64_t>(options.min_background_pixels, n));
-      auto distance_sq = [&](int64_t i) {
-        return (work.x[i] - cx) * (work.x[i] - cx) + (work.y[i] - cy) * (work.y[i] - cy);
-      };
-      std::partial_sort(order.begin(), order.begin() + take, order.end(),
-                        [&](int64_t a, int64_t b) { return distance_sq(a) > distance_sq(b); });
-      for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) work.in_background[i] = 0;
-      for (int k = 0; k < take; ++k) work.in_background[order[k]] = 1;
-      count = take;
-      rf.flags |= kFewBackgroundPixels;
-    }
-    double sum = 0.0;
-    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
-      if (work.in_background[i]) sum += work.counts[i];
-    rf.n_background = count;
-    rf.background_observed = sum / count;
+    rf.n_background_parameters = 1;
   }
+}
+
+// Background of pixel i under the held coefficients (or the file's value).
+double background_at(const ImageWork& w, const ReflectionFit& rf, const double beta[3], int64_t i) {
+  if (rf.n_background_parameters == 0) return rf.file_background;
+  double b = beta[0];
+  if (rf.n_background_parameters == 3)
+    b += beta[1] * (w.x[i] - rf.box_centre[0]) / rf.box_half +
+         beta[2] * (w.y[i] - rf.box_centre[1]) / rf.box_half;
+  return b;
+}
+
+// d M / d phi_k (k over the refined R1, a, c) of one reflection, by forward-mode autodiff of
+// profile_precision, and M itself.
+struct PrecisionWithDerivatives {
+  Sym2<double> M;
+  double dM[3][3] = {};  // [component m11, m12, m22][k]
+};
+
+PrecisionWithDerivatives precision_derivatives(const double phi[kMaxShape], const double S[3],
+                                               const double pixel[3]) {
+  using Jet3 = ceres::Jet<double, 3>;
+  Jet3 p[kMaxShape];
+  for (int k = 0; k < kMaxShape; ++k) p[k] = Jet3(phi[k]);
+  for (int k = 0; k < 3; ++k) p[k].v[k] = 1.0;
+  const Sym2<Jet3> M = profile_precision(p, S, pixel);
+  PrecisionWithDerivatives out;
+  out.M = {M.m11.a, M.m12.a, M.m22.a};
+  for (int k = 0; k < 3; ++k) {
+    out.dM[0][k] = M.m11.v[k];
+    out.dM[1][k] = M.m12.v[k];
+    out.dM[2][k] = M.m22.v[k];
+  }
+  return out;
+}
+
+// The profile and its derivatives averaged over the pixel's n x n sub-pixel points.
+ProfileDerivatives pixel_derivatives(double u1, double u2, const double D[4], int n,
+                                     const Sym2<double>& M, double det, double root_det,
+                                     double tail, double tail_scale, bool with_tail) {
+  if (n == 1) return profile_with_derivatives(u1, u2, M, det, root_det, tail, tail_scale, with_tail);
+  ProfileDerivatives sum{};
+  for (int j = 0; j < n; ++j) {
+    for (int i = 0; i < n; ++i) {
+      const double ox = subpixel_offset(i, n), oy = subpixel_offset(j, n);
+      const ProfileDerivatives f =
+          profile_with_derivatives(u1 + D[0] * ox + D[1] * oy, u2 + D[2] * ox + D[3] * oy, M, det,
+                                   root_det, tail, tail_scale, with_tail);
+      sum.value += f.value;
+      for (int k = 0; k < 3; ++k) sum.d_m[k] += f.d_m[k];
+      sum.d_tail += f.d_tail;
+      sum.d_tail_scale += f.d_tail_scale;
+      sum.d_delta[0] += f.d_delta[0];
+      sum.d_delta[1] += f.d_delta[1];
+    }
+  }
+  const double inverse = 1.0 / (n * n);
+  sum.value *= inverse;
+  for (int k = 0; k < 3; ++k) sum.d_m[k] *= inverse;
+  sum.d_tail *= inverse;
+  sum.d_tail_scale *= inverse;
+  sum.d_delta[0] *= inverse;
+  sum.d_delta[1] *= inverse;
+  return sum;
+}
+
+// Layout of the pass's Gram vector z = (P, background basis, dP/d delta, dP/d phi, dP/d (t, s),
+// counts) for one reflection.
+struct GramLayout {
+  int n_x, delta, shape, tail, counts, size, n_shape, n_tail;
+  GramLayout(int n_background, int n_shape_, bool with_tail)
+      : n_x(1 + n_background), delta(n_x), shape(n_x + 2), tail(n_x + 2 + n_shape_),
+        counts(n_x + 2 + n_shape_ + (with_tail ? 2 : 0)), size(counts + 1), n_shape(n_shape_),
+        n_tail(with_tail ? 2 : 0) {}
+};
+
+// Per-pixel profile and derivative rows of one reflection, kept for the second loop.
+struct PixelRows {
+  std::vector<double> z;  // [n_pixels, layout.size]
+  std::vector<double> weight, background;
+};
+
+// First loop: the profile, its derivatives and the weights of every used pixel, and the
+// weighted Gram matrix of z.
+void accumulate_gram(const ImageWork& w, const ReflectionFit& rf, const GramLayout& L,
+                     const PrecisionWithDerivatives& pd, const ImageParameters& params,
+                     const RefineOptions& options, PixelRows& rows, Matrix& gram, double& p_sum) {
+  const int64_t n = rf.pixel_end - rf.pixel_begin;
+  rows.z.assign(size_t(n) * L.size, 0.0);
+  rows.weight.assign(n, 0.0);
+  rows.background.assign(n, 0.0);
+  gram.setZero(L.size, L.size);
+  p_sum = 0.0;
+  const Sym2<double>& M = pd.M;
+  const double det = M.det(), root_det = std::sqrt(det);
+  const double t = L.n_tail ? params.phi[kShapeTail] : 0.0;
+  const double s = params.phi[kShapeTailScale];
+  const bool tail = t > 0.0 || L.n_tail;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = rf.pixel_begin + j;
+    const ProfileDerivatives f = pixel_derivatives(w.eps1[i] - rf.delta[0], w.eps2[i] - rf.delta[1],
+                                                   rf.pixel_jacobian, w.subpixels, M, det,
+                                                   root_det, t, s, tail);
+    double* z = &rows.z[size_t(j) * L.size];
+    const double a = w.area[i];
+    z[0] = a * f.value;
+    const double bg = background_at(w, rf, rf.stats.background, i);
+    rows.background[j] = bg;
+    if (rf.n_background_parameters >= 1) z[1] = 1.0;
+    if (rf.n_background_parameters == 3) {
+      z[2] = (w.x[i] - rf.box_centre[0]) / rf.box_half;
+      z[3] = (w.y[i] - rf.box_centre[1]) / rf.box_half;
+    }
+    z[L.delta] = a * f.d_delta[0];
+    z[L.delta + 1] = a * f.d_delta[1];
+    for (int k = 0; k < L.n_shape; ++k)
+      z[L.shape + k] = a * (f.d_m[0] * pd.dM[0][k] + f.d_m[1] * pd.dM[1][k] + f.d_m[2] * pd.dM[2][k]);
+    if (L.n_tail) {
+      z[L.tail] = a * f.d_tail;
+      z[L.tail + 1] = a * f.d_tail_scale;
+    }
+    // Counts less a known background; the fitted background is in the design.
+    z[L.counts] = w.counts[i] - (rf.n_background_parameters == 0 ? bg : 0.0);
+    if (!w.used[i]) continue;
+    const double v = std::max(std::max(bg, 0.0) + rf.amplitude_expected * z[0] + w.read_noise_sq[i],
+                              options.variance_floor);
+    const double weight = 1.0 / v;
+    rows.weight[j] = weight;
+    p_sum += z[0];
+    for (int r = 0; r < L.size; ++r) {
+      const double wz = weight * z[r];
+      for (int c = r; c < L.size; ++c) gram(r, c) += wz * z[c];
+    }
+  }
+  gram.triangularView<Eigen::StrictlyLower>() = gram.transpose().triangularView<Eigen::StrictlyLower>();
+}
+
+// The centre's score and information from the profile at a known centre (without the
+// widening 2S by the centre's own uncertainty, which belongs to the profile J is fitted with,
+// not to the likelihood of the centre): a second, smaller Gram matrix of (P, background basis,
+// dP/d delta, counts) with the pass's weights. Skipped (the main pass's values stand) when 2S
+// is negligible against Sigma.
+void centre_statistics(const ImageWork& w, ReflectionFit& rf, const ImageParameters& params,
+                       const PixelRows& rows, const Sym2<double>& M_wide) {
+  ReflectionStatistics& st = rf.stats;
+  st.centre_amplitude = st.J;
+  const Sym2<double> sigma_wide = M_wide.inverse();
+  const double trace_S = 2.0 * (rf.S[0] + rf.S[2]);
+  if (!(trace_S > 0.01 * (sigma_wide.m11 + sigma_wide.m22))) return;
+  const double zero[3] = {0.0, 0.0, 0.0};
+  const Sym2<double> M = profile_precision(params.phi, zero, rf.pixel_smoothing);
+  const double det = M.det(), root_det = std::sqrt(det);
+  const bool tail = w.profile_model == ProfileModel::kTail;
+  const double t = tail ? params.phi[kShapeTail] : 0.0, s = params.phi[kShapeTailScale];
+  const int nx = 1 + rf.n_background_parameters, size = nx + 3;
+  Matrix gram = Matrix::Zero(size, size);
+  double z[7];
+  for (int64_t j = 0; j < rf.pixel_end - rf.pixel_begin; ++j) {
+    const double weight = rows.weight[j];
+    if (!(weight > 0.0)) continue;
+    const int64_t i = rf.pixel_begin + j;
+    const ProfileDerivatives f = pixel_derivatives(w.eps1[i] - rf.delta[0], w.eps2[i] - rf.delta[1],
+                                                   rf.pixel_jacobian, w.subpixels, M, det,
+                                                   root_det, t, s, tail);
+    const double a = w.area[i];
+    z[0] = a * f.value;
+    if (rf.n_background_parameters >= 1) z[1] = 1.0;
+    if (rf.n_background_parameters == 3) {
+      z[2] = (w.x[i] - rf.box_centre[0]) / rf.box_half;
+      z[3] = (w.y[i] - rf.box_centre[1]) / rf.box_half;
+    }
+    z[nx] = a * f.d_delta[0];
+    z[nx + 1] = a * f.d_delta[1];
+    z[nx + 2] = w.counts[i] - (rf.n_background_parameters == 0 ? rows.background[j] : 0.0);
+    for (int r = 0; r < size; ++r)
+      for (int c = r; c < size; ++c) gram(r, c) += weight * z[r] * z[c];
+  }
+  gram.triangularView<Eigen::StrictlyLower>() = gram.transpose().triangularView<Eigen::StrictlyLower>();
+  const Matrix N = gram.topLeftCorner(nx, nx);
+  Eigen::LDLT<Matrix> ldlt(N);
+  const Vector beta = ldlt.solve(gram.block(0, nx + 2, nx, 1));
+  const Matrix DX = gram.block(nx, 0, 2, nx);
+  const Matrix F = gram.block(nx, nx, 2, 2) - DX * ldlt.solve(DX.transpose());
+  const Vector T = gram.block(nx, nx + 2, 2, 1) - DX * beta;
+  if (!F.allFinite() || !T.allFinite() || !std::isfinite(beta(0))) return;
+  st.centre_amplitude = beta(0);
+  st.centre_information[0] = F(0, 0);
+  st.centre_information[1] = F(0, 1);
+  st.centre_information[2] = F(1, 1);
+  st.centre_score[0] = T(0);
+  st.centre_score[1] = T(1);
+}
+
+// The reflection's local fit from its Gram matrix: J and the background by weighted least
+// squares, chi^2, the profiled scores and Fisher matrices of the centre and the shape.
+void solve_local_fit(const Matrix& gram, const GramLayout& L, ReflectionStatistics& st) {
+  const int nx = L.n_x, I = L.counts;
+  const Matrix N = gram.topLeftCorner(nx, nx);
+  const Vector rhs = gram.block(0, I, nx, 1);
+  Eigen::LDLT<Matrix> ldlt(N);
+  const Vector beta = ldlt.solve(rhs);
+  const Matrix N_inverse = ldlt.solve(Matrix::Identity(nx, nx));
+  st.J = beta(0);
+  st.J_variance = N_inverse(0, 0);
+  for (int k = 1; k < nx; ++k) st.background[k - 1] = beta(k);
+  st.chi2 = std::max(gram(I, I) - beta.dot(rhs), 0.0);
+  // Derivative rows D = (centre, shape, tail), projected off the (P, background) design.
+  const int nd = 2 + L.n_shape + L.n_tail;
+  const Matrix DX = gram.block(nx, 0, nd, nx);
+  const Matrix F = gram.block(nx, nx, nd, nd) - DX * N_inverse * DX.transpose();
+  const Vector T = gram.block(nx, I, nd, 1) - DX * beta;
+  st.centre_information[0] = F(0, 0);
+  st.centre_information[1] = F(0, 1);
+  st.centre_information[2] = F(1, 1);
+  st.centre_score[0] = T(0);
+  st.centre_score[1] = T(1);
+  // dJ/dphi_k = (N^-1)_00 T_k - J (N^-1 X'W D_k)_0, with T_k the raw score (see METHODS.md).
+  for (int k = 0; k < L.n_shape; ++k)
+    st.dJ_dphi[k] = N_inverse(0, 0) * T(2 + k) - st.J * N_inverse.row(0).dot(DX.row(2 + k));
+  // Shape and tail with the centre profiled out: Schur complements on the centre block.
+  const Eigen::Matrix2d F_cc = F.topLeftCorner(2, 2);
+  Eigen::LDLT<Eigen::Matrix2d> centre(F_cc);
+  const int ns = L.n_shape + L.n_tail;
+  const Matrix F_sc = F.block(2, 0, ns, 2);
+  const Matrix F_s = F.block(2, 2, ns, ns) - F_sc * centre.solve(F_sc.transpose());
+  const Vector T_s = T.segment(2, ns) - F_sc * centre.solve(T.head(2));
+  st.shape_ok = false;
+  if (L.n_tail) {
+    st.tail_information[0] = F_s(L.n_shape, L.n_shape);
+    st.tail_information[1] = F_s(L.n_shape, L.n_shape + 1);
+    st.tail_information[2] = F_s(L.n_shape + 1, L.n_shape + 1);
+    st.tail_score[0] = T_s(L.n_shape);
+    st.tail_score[1] = T_s(L.n_shape + 1);
+    for (int k = 0; k < L.n_shape; ++k) {
+      st.shape_tail_cross[2 * k] = F_s(k, L.n_shape);
+      st.shape_tail_cross[2 * k + 1] = F_s(k, L.n_shape + 1);
+    }
+  }
+  const Matrix F_phi = F_s.topLeftCorner(L.n_shape, L.n_shape);
+  Eigen::LLT<Matrix> llt(F_phi);
+  if (llt.info() != Eigen::Success || !(st.J > 0.0) || !std::isfinite(st.J)) return;
+  const Matrix Lower = llt.matrixL();
+  const Vector z = Lower.triangularView<Eigen::Lower>().solve(T_s.head(L.n_shape));
+  for (int r = 0; r < L.n_shape; ++r) {
+    st.shape_z[r] = z(r);
+    for (int c = 0; c < L.n_shape; ++c) st.shape_U[r * kMaxShape + c] = Lower(c, r);
+  }
+  st.shape_ok = z.allFinite();
+}
+
+// Second loop: the fitted model of every pixel, the pixel outliers for the next pass, and the
+// chi^2 of the background-dominated pixels (the error model's counting scale).
+// The spot's region (pixels): its centre and the radius within which no pixel may be left out,
+// 3 sd of the widest axis of the effective core (which includes the centre's uncertainty 2S)
+// plus one pixel. A spot whose centre is not known yet covers the box.
+struct SpotRegion {
+  double x, y, radius_sq;
+};
+SpotRegion spot_region(const ReflectionFit& rf, const Sym2<double>& M) {
+  const Eigen::Matrix2d D = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
+                             rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+  const Eigen::Matrix2d D_inverse = D.inverse();
+  const Sym2<double> sigma = M.inverse();
+  const Eigen::Matrix2d cov = 0.5 * D_inverse * sym(&sigma.m11) * D_inverse.transpose();
+  const double widest = Eigen::SelfAdjointEigenSolver<Eigen::Matrix2d>(cov).eigenvalues()(1);
+  const Eigen::Vector2d centre = D_inverse * Eigen::Vector2d(rf.delta[0], rf.delta[1]);
+  const double radius = 3.0 * std::sqrt(std::max(widest, 0.0)) + 1.0;
+  return {rf.pred.x + centre(0), rf.pred.y + centre(1), radius * radius};
+}
+
+// The box's valid pixels on its grid: index (in [pixel_begin, pixel_end)) of pixel (i, j), or -1.
+struct BoxGrid {
+  int width = 0, height = 0;
+  std::vector<int64_t> index;
+  void build(const ImageWork& w, const ReflectionFit& rf) {
+    width = rf.bbox[1] - rf.bbox[0];
+    height = rf.bbox[3] - rf.bbox[2];
+    index.assign(size_t(width) * height, -1);
+    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
+      index[size_t(int(w.y[i] - 0.5) - rf.bbox[2]) * width + (int(w.x[i] - 0.5) - rf.bbox[0])] = i;
+  }
+  // Largest value of `z` over the valid 4-neighbours of pixel i (-inf without any).
+  double neighbour_max(const ImageWork& w, const ReflectionFit& rf, const std::vector<double>& z,
+                       int64_t i) const {
+    const int x = int(w.x[i] - 0.5) - rf.bbox[0], y = int(w.y[i] - 0.5) - rf.bbox[2];
+    double best = -kInf;
+    const int dx[4] = {1, -1, 0, 0}, dy[4] = {0, 0, 1, -1};
+    for (int k = 0; k < 4; ++k) {
+      const int u = x + dx[k], v = y + dy[k];
+      if (u < 0 || v < 0 || u >= width || v >= height) continue;
+      const int64_t n = index[size_t(v) * width + u];
+      if (n >= 0) best = std::max(best, z[n - rf.pixel_begin]);
+    }
+    return best;
+  }
+};
+
+// Pixels far above the model that the model cannot be: outside the spot's region any pixel
+// more than `threshold` sd above (a neighbour's spot, a zinger), with its touching pixels above
+// 2.5 sd (the neighbour's wings); inside the region an isolated spike (more than `threshold` sd
+// and more than threshold/2 above every 4-neighbour: a zinger; a spot the model misplaces or
+// mis-sizes is never isolated). A pixel stays out while it is more than threshold/2 sd above
+// (hysteresis, so that the decisions settle). Returns whether any pixel is out.
+bool mark_outlier_pixels(ImageWork& w, const ReflectionFit& rf, const std::vector<double>& z,
+                         const SpotRegion& region, double threshold) {
+  thread_local BoxGrid grid;
+  grid.build(w, rf);
+  const int64_t n = rf.pixel_end - rf.pixel_begin;
+  thread_local std::vector<uint8_t> out;
+  out.assign(n, 0);
+  bool any = false;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = rf.pixel_begin + j;
+    const double dx = w.x[i] - region.x, dy = w.y[i] - region.y;
+    const bool inside = dx * dx + dy * dy <= region.radius_sq;
+    const bool was_out = !w.used[i];
+    bool outlier;
+    if (!inside)
+      outlier = z[j] > threshold || (was_out && z[j] > 0.5 * threshold);
+    else
+      outlier = (z[j] > threshold || (was_out && z[j] > 0.5 * threshold)) &&
+                z[j] > 0.5 * threshold + grid.neighbour_max(w, rf, z, i);
+    out[j] = outlier;
+  }
+  thread_local std::vector<double> flagged;
+  flagged.assign(n, 0.0);
+  for (int64_t j = 0; j < n; ++j) flagged[j] = out[j] ? 1.0 : 0.0;
+  for (int64_t j = 0; j < n; ++j) {  // the wings of what is out, outside the spot's region
+    const int64_t i = rf.pixel_begin + j;
+    const double dx = w.x[i] - region.x, dy = w.y[i] - region.y;
+    if (out[j] || z[j] <= 2.5 || dx * dx + dy * dy <= region.radius_sq) continue;
+    if (grid.neighbour_max(w, rf, flagged, i) > 0.5) out[j] = 2;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    w.used[rf.pixel_begin + j] = !out[j];
+    any = any || out[j];
+  }
+  return any;
+}
+
+void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const PixelRows& rows,
+                  const RefineOptions& options, double error_scale, const SpotRegion& region) {
+  const int64_t n = rf.pixel_end - rf.pixel_begin;
+  ReflectionStatistics& st = rf.stats;
+  double beta[3] = {st.background[0], st.background[1], st.background[2]};
+  st.chi2_background = 0.0;
+  st.n_background = 0;
+  double m2_num = 0.0, m2_den = 0.0;
+  thread_local std::vector<double> z;
+  z.assign(n, 0.0);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = rf.pixel_begin + j;
+    const double P = rows.z[size_t(j) * L.size];
+    const double bg = background_at(w, rf, beta, i);
+    const double mu = bg + st.J * P;
+    w.weight[i] = rows.weight[j];
+    if (rows.weight[j] > 0.0) {
+      const double u1 = w.eps1[i] - rf.delta[0], u2 = w.eps2[i] - rf.delta[1];
+      m2_num += (w.counts[i] - bg) * 0.5 * (u1 * u1 + u2 * u2);
+      m2_den += w.counts[i] - bg;
+    }
+    const double v = std::max(std::max(bg, 0.0) + std::max(st.J, 0.0) * P + w.read_noise_sq[i],
+                              options.variance_floor);
+    w.expected[i] = mu;
+    w.variance[i] = v;
+    z[j] = (w.counts[i] - mu) / (error_scale * std::sqrt(v));
+    if (rows.weight[j] > 0.0 && std::max(st.J, 0.0) * P < 0.1 * std::max(bg, options.variance_floor)) {
+      st.chi2_background += (w.counts[i] - mu) * (w.counts[i] - mu) / v;
+      st.n_background += 1;
+    }
+  }
+  const bool any = options.pixel_outlier_sigma > 0.0 &&
+                   mark_outlier_pixels(w, rf, z, region, options.pixel_outlier_sigma);
+  if (any) rf.flags |= kPixelOutliers; else rf.flags &= ~kPixelOutliers;
+  st.m2_obs = m2_den != 0.0 ? m2_num / m2_den : kNaN;
+}
+
+// The pass for one reflection at the held parameters.
+void fit_reflection(ImageWork& w, ReflectionFit& rf, const ImageParameters& params,
+                    const RefineOptions& options) {
+  thread_local PixelRows rows;
+  thread_local Matrix gram;
+  const bool with_tail = w.profile_model == ProfileModel::kTail;
+  const GramLayout L(rf.n_background_parameters, w.n_shape, with_tail);
+  const PrecisionWithDerivatives pd = precision_derivatives(params.phi, rf.S, rf.pixel_smoothing);
+  double p_sum = 0.0;
+  accumulate_gram(w, rf, L, pd, params, options, rows, gram, p_sum);
+  ReflectionStatistics& st = rf.stats;
+  const int n_used = int(std::count(w.used.begin() + rf.pixel_begin, w.used.begin() + rf.pixel_end, 1));
+  st.n_used = n_used;
+  st.n_parameters = L.n_x + 2;
+  st.profile_fraction = p_sum;
+  if (!(p_sum >= options.min_profile_fraction) || n_used < std::max(options.min_valid_pixels, L.n_x + 1)) {
+    rf.flags |= kProfileOutsideBox;
+    st.J = st.J_variance = kNaN;
+    st.shape_ok = false;
+    std::fill(w.used.begin() + rf.pixel_begin, w.used.begin() + rf.pixel_end, 1);
+    return;
+  }
+  rf.flags &= ~kProfileOutsideBox;
+  solve_local_fit(gram, L, st);
+  if (!std::isfinite(st.J) || !(st.J_variance > 0.0)) {
+    rf.flags |= kProfileOutsideBox;
+    st.J = st.J_variance = kNaN;
+    st.shape_ok = false;
+    return;
+  }
+  if (st.shape_ok) rf.flags &= ~kNoShape; else rf.flags |= kNoShape;
+  centre_statistics(w, rf, params, rows, pd.M);
+  model_pixels(w, rf, L, rows, options, params.error_scale, spot_region(rf, pd.M));
+}
+
+// The image's rms offset of spots from their predictions (pixels, per axis), by the method of
+// moments over the spots whose centres are well measured: E|d|^2 = 2 sigma^2 + tr C.
+double positional_scatter(const ImageWork& w, double fallback) {
+  double sum = 0.0, n = 0.0;
+  for (const ReflectionFit& rf : w.reflections) {
+    if (!rf.integrated() || !std::isfinite(rf.centre_cov[0])) continue;
+    const double trace = rf.centre_cov[0] + rf.centre_cov[2];
+    if (!(trace < 0.125)) continue;  // centre known to better than 0.25 px per axis
+    const double dx = rf.centre_px[0] - rf.pred.x, dy = rf.centre_px[1] - rf.pred.y;
+    sum += dx * dx + dy * dy - trace;
+    n += 1.0;
+  }
+  if (n < 5.0) return fallback;
+  return std::max(std::sqrt(std::max(sum / (2.0 * n), 0.0)), 0.02);
+}
+
+// After a pass: the centre's ML estimate (Term 3) and its MAP update with the positional prior
+// (the held centre and its covariance S for the next pass).
+// Returns the step's size in units of the posterior's sd (Mahalanobis norm).
+double update_centre(ReflectionFit& rf, double position_sigma_px, double error_scale) {
+  const ReflectionStatistics& st = rf.stats;
+  rf.centre_px[0] = rf.centre_px[1] = kNaN;
+  rf.centre_cov[0] = rf.centre_cov[1] = rf.centre_cov[2] = kNaN;
+  const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
+                               rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+  const Eigen::Matrix2d prior_cov = position_sigma_px * position_sigma_px * jac * jac.transpose();
+  const Eigen::Matrix2d omega = prior_cov.inverse();
+  const Eigen::Vector2d delta(rf.delta[0], rf.delta[1]);
+  Eigen::Matrix2d information = Eigen::Matrix2d::Zero();
+  Eigen::Vector2d score = Eigen::Vector2d::Zero();
+  if (st.shape_ok && st.centre_amplitude > 0.0) {
+    const double J = st.centre_amplitude, k2 = error_scale * error_scale;
+    information = J * J / k2 * sym(st.centre_information);
+    score = J / k2 * Eigen::Vector2d(st.centre_score[0], st.centre_score[1]);
+    Eigen::LDLT<Eigen::Matrix2d> ml(information);
+    if (ml.info() == Eigen::Success && information.determinant() > 0.0) {
+      const Eigen::Vector2d ml_delta = delta + ml.solve(score);
+      const Eigen::Matrix2d jac_inverse = jac.inverse();
+      const Eigen::Vector2d px = jac_inverse * ml_delta;
+      const Eigen::Matrix2d cov = jac_inverse * information.inverse() * jac_inverse.transpose();
+      rf.centre_px[0] = rf.pred.x + px(0);
+      rf.centre_px[1] = rf.pred.y + px(1);
+      store_sym(cov, rf.centre_cov);
+    }
+  }
+  const Eigen::Matrix2d posterior = (information + omega).inverse();
+  const Eigen::Matrix2d jac_inverse = jac.inverse();
+  const Eigen::Matrix2d posterior_px = jac_inverse * posterior * jac_inverse.transpose();
+  rf.centre_sd_px = std::sqrt(std::max(
+      Eigen::SelfAdjointEigenSolver<Eigen::Matrix2d>(posterior_px).eigenvalues()(1), 0.0));
+  Eigen::Vector2d step = posterior * (score - omega * delta);
+  // At most two pixels per pass (a Newton step far from the optimum of a peaked likelihood).
+  const double step_px = (jac.inverse() * step).norm();
+  if (step_px > 2.0) step *= 2.0 / step_px;
+  const Eigen::Vector2d updated = delta + step;
+  rf.delta[0] = updated(0);
+  rf.delta[1] = updated(1);
+  // The profile is widened by the part of the centre's error that is not fitted to the spot's
+  // own noise: with prior precision Omega and posterior covariance C, the shrinkage error
+  // C Omega delta_true, of covariance C Omega C over the spots (C for a spot the data do not
+  // locate, 0 for one they locate exactly; METHODS.md §I.6).
+  store_sym(posterior * omega * posterior, rf.S);
+  const Eigen::Matrix2d precision = information + omega;
+  const double size = std::sqrt(std::max(step.dot(precision * step), 0.0));
+  return std::isfinite(size) ? size : 0.0;
+}
+
+// Isolated spikes in the raw counts (zingers), left out of the first pass: more than 10 sd
+// above the border median while every valid 4-neighbour's excess is below 5 % of theirs (a
+// spot of 0.5 px sd centred on a pixel puts 12 % of that pixel's counts in each neighbour).
+void mark_raw_spikes(ImageWork& w, const ReflectionFit& rf, double background) {
+  thread_local BoxGrid grid;
+  grid.build(w, rf);
+  const int64_t n = rf.pixel_end - rf.pixel_begin;
+  thread_local std::vector<double> excess;
+  excess.assign(n, 0.0);
+  for (int64_t j = 0; j < n; ++j) excess[j] = w.counts[rf.pixel_begin + j] - background;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = rf.pixel_begin + j;
+    const double sd = std::sqrt(std::max(background, 1.0) + w.read_noise_sq[i]);
+    if (excess[j] > 10.0 * sd && grid.neighbour_max(w, rf, excess, i) < 0.05 * excess[j])
+      w.used[i] = 0;
+  }
+}
+
+// Where a clearly visible spot is: the centroid of the counts more than 2 sd above the box's
+// border median, when their sum is more than 5 sd (a Newton step from the prediction does not
+// reach a spot that lies several of its widths away, and a fit of J there finds ~0). Returns
+// false when the box shows no such spot.
+bool locate_spot(const ImageWork& w, ReflectionFit& rf) {
+  std::vector<double> border;
+  const double x0 = rf.bbox[0], x1 = rf.bbox[1], y0 = rf.bbox[2], y1 = rf.bbox[3];
   for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
-    work.signal[i] = work.counts[i] - rf.background_observed;
+    if (w.x[i] < x0 + 1 || w.x[i] > x1 - 1 || w.y[i] < y0 + 1 || w.y[i] > y1 - 1)
+      border.push_back(w.counts[i]);
+  if (border.size() < 3) return false;
+  std::nth_element(border.begin(), border.begin() + border.size() / 2, border.end());
+  const double bg = std::isfinite(rf.file_background) ? rf.file_background : border[border.size() / 2];
+  double sum = 0.0, variance = 0.0, sx = 0.0, sy = 0.0;
+  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
+    const double v = std::max(bg, 1.0) + w.read_noise_sq[i];
+    const double excess = w.counts[i] - bg;
+    if (!w.used[i] || excess <= 2.0 * std::sqrt(v)) continue;
+    sum += excess;
+    variance += v + excess;
+    sx += excess * w.x[i];
+    sy += excess * w.y[i];
+  }
+  if (!(sum > 5.0 * std::sqrt(variance))) return false;
+  const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
+                               rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+  const Eigen::Vector2d delta = jac * Eigen::Vector2d(sx / sum - rf.pred.x, sy / sum - rf.pred.y);
+  if (!delta.allFinite()) return false;
+  rf.delta[0] = delta(0);
+  rf.delta[1] = delta(1);
+  return true;
 }
 
 }  // namespace
@@ -73,6 +579,11 @@ void setup_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& 
   work.bandwidth = set.bandwidth[image];
   work.polarization_fraction = set.polarization_fraction[image];
   work.A = set.A_matrix + 9 * image;
+  work.profile_model = options.profile == "isotropic" ? ProfileModel::kIsotropic
+               : options.profile == "tail"    ? ProfileModel::kTail
+                                              : ProfileModel::kAnisotropic;
+  work.n_shape = work.profile_model == ProfileModel::kIsotropic ? 1 : 3;
+  work.position_sigma_px = options.position_sigma;
   const int64_t first = set.first_reflection(image), end = set.end_reflection(image);
   work.reflections.assign(end - first, ReflectionFit{});
   int64_t capacity = 0;
@@ -91,6 +602,7 @@ void setup_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& 
     rf.hkl = set.miller_index + 3 * r;
     rf.bbox = set.bbox + 4 * r;
     rf.intensity_ref = set.intensity_ref[r];
+    rf.file_background = set.background[r];
     if (std::isnan(rf.intensity_ref)) rf.flags |= kNoReference;
     const int32_t x0 = rf.bbox[0], x1 = rf.bbox[1], y0 = rf.bbox[2], y1 = rf.bbox[3];
     if (x0 == 0 || y0 == 0 || x1 == rf.panel->nx || y1 == rf.panel->ny) rf.flags |= kPanelEdge;
@@ -110,183 +622,220 @@ void setup_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& 
     rf.pixel_end = int64_t(work.counts.size());
     if (rf.pixel_end - rf.pixel_begin < options.min_valid_pixels) {
       rf.flags |= kTooFewPixels;
-      work.counts.resize(rf.pixel_begin);
-      work.x.resize(rf.pixel_begin);
-      work.y.resize(rf.pixel_begin);
-      work.read_noise_sq.resize(rf.pixel_begin);
+      for (std::vector<double>* v : {&work.counts, &work.x, &work.y, &work.read_noise_sq})
+        v->resize(rf.pixel_begin);
       rf.pixel_end = rf.pixel_begin;
     }
+    choose_background_model(options, rf);
   }
   const size_t n = work.counts.size();
-  work.eps_sq.assign(n, 0.0);
-  work.area.assign(n, 0.0);
-  work.signal.assign(n, 0.0);
-  work.weight.assign(n, 1.0);
-  work.variance.assign(n, 1.0);
-  work.profile.assign(n, 0.0);
-  work.in_background.assign(n, 0);
-  for (ReflectionFit& rf : work.reflections) {
-    if (rf.pixel_end > rf.pixel_begin)
-      choose_background(work, rf, set.background[rf.row], options);
-  }
+  for (std::vector<double>* v : {&work.eps1, &work.eps2, &work.area, &work.expected, &work.variance,
+                                 &work.weight})
+    v->assign(n, 0.0);
+  work.used.assign(n, 1);
 }
 
-void update_geometry(ImageWork& work, const ImageParameters& params, double eta) {
+void update_geometry(ImageWork& work, const ImageParameters& params) {
   for (ReflectionFit& rf : work.reflections) {
-    invalidate_profile_sums(rf);
     rf.pred = predict(work.A, rf.hkl, work.wavelength, work.polarization_fraction, *rf.panel,
                       params.rotation, params.detector_shift);
-    if (!rf.pred.hits_panel) rf.flags |= kBadPrediction;
+    // Bragg's law needs d >= lambda/2 (sin(theta) <= 1); beyond it nothing is predicted.
+    if (!rf.pred.hits_panel || !(rf.pred.d >= 0.5 * work.wavelength)) rf.flags |= kBadPrediction;
+    else rf.flags &= ~kBadPrediction;
     rf.partiality = partiality(rf.pred.excitation_error,
-                               partiality_width_sq(params.R0, eta, rf.pred.d, work.wavelength,
-                                                   work.bandwidth));
+                               partiality_width_sq(params.R0, params.eta, rf.pred.d,
+                                                   work.wavelength, work.bandwidth));
     double area_sum = 0.0;
-    rf.u_sum = 0.0;
     for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
       double eps_t[2];
       tangential_offset(*rf.panel, rf.pred, work.wavelength, params.detector_shift, work.x[i],
                         work.y[i], eps_t, &work.area[i]);
-      work.eps_sq[i] = eps_t[0] * eps_t[0] + eps_t[1] * eps_t[1];
+      work.eps1[i] = eps_t[0];
+      work.eps2[i] = eps_t[1];
       area_sum += work.area[i];
-      rf.u_sum += 0.5 * work.eps_sq[i];
     }
     const int64_t n = rf.pixel_end - rf.pixel_begin;
     rf.a_mean = n > 0 ? area_sum / n : kNaN;
+    // d eps / d (x, y) at c_pred by central differences (eps is smooth on the pixel scale).
+    const double h = 0.01;
+    double ex[2][2], ey[2][2], area;
+    for (int sgn = 0; sgn < 2; ++sgn) {
+      const double d = sgn ? h : -h;
+      tangential_offset(*rf.panel, rf.pred, work.wavelength, params.detector_shift, rf.pred.x + d,
+                        rf.pred.y, ex[sgn], &area);
+      tangential_offset(*rf.panel, rf.pred, work.wavelength, params.detector_shift, rf.pred.x,
+                        rf.pred.y + d, ey[sgn], &area);
+    }
+    for (int c = 0; c < 2; ++c) {
+      rf.pixel_jacobian[2 * c] = (ex[1][c] - ex[0][c]) / (2 * h);
+      rf.pixel_jacobian[2 * c + 1] = (ey[1][c] - ey[0][c]) / (2 * h);
+    }
   }
+  set_subpixels(work, work.subpixels);
 }
 
-void update_background_profile(ImageWork& work, double R1) {
+void set_subpixels(ImageWork& work, int n) {
+  work.subpixels = n;
   for (ReflectionFit& rf : work.reflections) {
-    rf.background_profile_r1 = R1;
-    rf.background_profile_live = 0.0;
-    rf.background_profile_slope = 0.0;
-    if (rf.n_background == 0) continue;
-    double value = 0.0, slope = 0.0;
-    const double W = profile_width_sq(R1, rf.a_mean);
-    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-      if (!work.in_background[i]) continue;
-      // P = a exp(-e/W) / (pi W), W = R1^2 + a/6: dP/dR1 = P (e/W^2 - 1/W) 2 R1.
-      const double P = profile_density(work.eps_sq[i], work.area[i], 1.0 / W);
-      value += P;
-      slope += P * (work.eps_sq[i] / (W * W) - 1.0 / W) * 2.0 * R1;
-    }
-    rf.background_profile_live = value / rf.n_background;
-    rf.background_profile_slope = slope / rf.n_background;
+    const double* D = rf.pixel_jacobian;
+    const double scale = 1.0 / (6.0 * n * n);
+    rf.pixel_smoothing[0] = (D[0] * D[0] + D[1] * D[1]) * scale;
+    rf.pixel_smoothing[1] = (D[0] * D[2] + D[1] * D[3]) * scale;
+    rf.pixel_smoothing[2] = (D[2] * D[2] + D[3] * D[3]) * scale;
   }
 }
 
-double model_background(const ReflectionFit& rf, double amplitude) {
-  return rf.background_observed - amplitude * rf.background_profile_held;
+int subpixels_for_shape(const ImageWork& work, const double phi[kMaxShape]) {
+  return subpixels_for(narrow_sd_px(work, phi));
 }
 
-void update_weights(ImageWork& work, const ImageParameters& params, const RefineOptions& options,
-                    bool scale_known) {
-  thread_local std::vector<double> k;
+double narrow_sd_px(const ImageWork& work, const double phi[kMaxShape]) {
+  const Sym2<double> sigma = profile_tensor(phi[kShapeR1], phi[kShapeA], phi[kShapeC]);
+  for (const ReflectionFit& rf : work.reflections) {
+    if (rf.pixel_end == rf.pixel_begin || (rf.flags & kBadPrediction)) continue;
+    // Per-axis covariance in pixels: D^-1 (Sigma/2) D^-T; its smaller eigenvalue.
+    const Eigen::Matrix2d D = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
+                               rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+    const Eigen::Matrix2d inverse = D.inverse();
+    const Eigen::Matrix2d cov = 0.5 * inverse * sym(&sigma.m11) * inverse.transpose();
+    const double smallest = Eigen::SelfAdjointEigenSolver<Eigen::Matrix2d>(cov).eigenvalues()(0);
+    return std::sqrt(std::max(smallest, 0.0));
+  }
+  return kNaN;
+}
+
+void initialise_reflections(ImageWork& work, const RefineOptions& options) {
+  std::vector<double> border;
   for (ReflectionFit& rf : work.reflections) {
-    const int64_t n = rf.pixel_end - rf.pixel_begin;
-    rf.use_intensity = false;
-    rf.use_shape = false;
-    rf.intensity_residual = 0.0;
-    if (n == 0 || (rf.flags & kBadPrediction)) continue;
-    invalidate_profile_sums(rf);  // the weights change: the functors' cached sums are stale
-    const bool has_reference = scale_known && !(rf.flags & kNoReference);
-    const double j_model =
-        has_reference ? intensity_model(params.G, params.B, rf.pred.d, rf.partiality,
-                                        rf.pred.polarization, rf.intensity_ref)
-                      : kNaN;
-    if (std::isnan(rf.J)) {
-      double S = 0.0;  // first call: the summation estimate
-      for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) S += work.signal[i];
-      rf.J = S;
-    }
-    const double amplitude = has_reference ? j_model : std::max(rf.J, 0.0);
-    rf.amplitude_expected = amplitude;
-
-    // The profile once per pixel, and Pbar over the background set.
-    double ring = 0.0;
-    const double inverse_width_sq = 1.0 / profile_width_sq(params.R1, rf.a_mean);
+    rf.stats = ReflectionStatistics{};
+    rf.delta[0] = rf.delta[1] = 0.0;
+    if (rf.pixel_end == rf.pixel_begin || !std::isfinite(rf.a_mean)) continue;
+    const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
+                                 rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+    store_sym(work.position_sigma_px * work.position_sigma_px * jac * jac.transpose(), rf.S);
+    // Background: median of the valid pixels on the box's border.
+    border.clear();
+    const double x0 = rf.bbox[0], x1 = rf.bbox[1], y0 = rf.bbox[2], y1 = rf.bbox[3];
+    double sum = 0.0;
     for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-      work.profile[i] = profile_density(work.eps_sq[i], work.area[i], inverse_width_sq);
-      if (work.in_background[i]) ring += work.profile[i];
+      sum += work.counts[i];
+      if (work.x[i] < x0 + 1 || work.x[i] > x1 - 1 || work.y[i] < y0 + 1 || work.y[i] > y1 - 1)
+        border.push_back(work.counts[i]);
     }
-    const double pbar = rf.n_background > 0 ? ring / rf.n_background : 0.0;
-    rf.background_profile_held = pbar;
-
-    // Model variance v = max(Bg, 0) + A P + sigma_read^2 (floored). The flat background is the
-    // data's, Bg = Bg_obs - J Pbar with J the previous profile fit (the reference sets the
-    // expected signal A P, not the background; an A far above the data must not push Bg < 0).
-    // Then the sums for J; the model-expected and observed moments of I - Bg_obs.
-    const double background = std::max(model_background(rf, std::max(rf.J, 0.0)), 0.0);
-    double excess_sum = 0.0, v_sum = 0.0, m2_model = 0.0, x_model = 0.0, y_model = 0.0;
-    double S = 0.0, m2_num = 0.0, x_num = 0.0, y_num = 0.0, wPs = 0.0, wPP = 0.0, wP = 0.0;
-    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-      const double P = work.profile[i];
-      const double v =
-          std::max(background + amplitude * P + work.read_noise_sq[i], options.variance_floor);
-      const double w = 1.0 / v;
-      work.weight[i] = w;
-      work.variance[i] = v;
-      v_sum += v;
-      wPs += w * P * work.signal[i];
-      wPP += w * P * P;
-      wP += w * P;
-      const double excess = P - pbar;  // E[I - Bg_obs] / A
-      excess_sum += excess;
-      m2_model += excess * 0.5 * work.eps_sq[i];
-      x_model += excess * work.x[i];
-      y_model += excess * work.y[i];
-      S += work.signal[i];
-      m2_num += work.signal[i] * 0.5 * work.eps_sq[i];
-      x_num += work.signal[i] * work.x[i];
-      y_num += work.signal[i] * work.y[i];
+    double bg = rf.file_background;
+    if (rf.n_background_parameters > 0) {
+      if (border.empty()) border.assign(work.counts.begin() + rf.pixel_begin, work.counts.begin() + rf.pixel_end);
+      std::nth_element(border.begin(), border.begin() + border.size() / 2, border.end());
+      bg = border[border.size() / 2];
     }
-    m2_model /= excess_sum;
-    x_model /= excess_sum;
-    y_model /= excess_sum;
-    rf.x_offset = x_model - rf.pred.x;
-    rf.y_offset = y_model - rf.pred.y;
-
-    // J = sum_p k_p s_p, k_p = w_p P_p / (sum w P^2 - Pbar sum w P), and its variance.
-    const double denominator = wPP - pbar * wP;
-    k.resize(n);
-    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
-      k[i - rf.pixel_begin] = work.weight[i] * work.profile[i] / denominator;
-    rf.J = wPs / denominator;
-    rf.J_variance = linear_statistic_variance(work, rf, k);
-    const double ref_var =
-        has_reference ? std::pow(options.reference_sigma_rel * j_model, 2) : 0.0;
-    rf.sigma_intensity = std::sqrt(rf.J_variance + ref_var);
-    rf.use_intensity = has_reference && !(rf.flags & kOutlier) &&
-                       std::isfinite(rf.sigma_intensity) && rf.sigma_intensity > 0.0;
-    if (rf.use_intensity) rf.intensity_residual = (rf.J - j_model) / rf.sigma_intensity;
-
-    // Observed first and second moments of I - Bg_obs (data only).
-    rf.m2_obs = S != 0.0 ? m2_num / S : kNaN;
-    rf.x_obs = S != 0.0 ? x_num / S : kNaN;
-    rf.y_obs = S != 0.0 ? y_num / S : kNaN;
-
-    // Their sigmas by the delta method about the model-expected moments.
-    const double S_model = amplitude * excess_sum;
-    const double snr = S_model / std::sqrt(v_sum);
-    rf.use_shape = snr >= options.min_snr_shape && S > 0.0;
-    if (rf.use_shape) {
-      rf.flags &= ~kWeakShape;
-      for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
-        k[i - rf.pixel_begin] = (0.5 * work.eps_sq[i] - m2_model) / S_model;
-      rf.sigma_m2 = std::sqrt(linear_statistic_variance(work, rf, k));
-      if (options.refine_geometry) {  // Term 3 only
-        for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
-          k[i - rf.pixel_begin] = (work.x[i] - x_model) / S_model;
-        rf.sigma_x = std::sqrt(linear_statistic_variance(work, rf, k));
-        for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
-          k[i - rf.pixel_begin] = (work.y[i] - y_model) / S_model;
-        rf.sigma_y = std::sqrt(linear_statistic_variance(work, rf, k));
-      }
-    } else {
-      rf.flags |= kWeakShape;
-      rf.sigma_m2 = rf.sigma_x = rf.sigma_y = kNaN;
-    }
+    rf.stats.background[0] = rf.n_background_parameters > 0 ? bg : kNaN;
+    mark_raw_spikes(work, rf, bg);
+    locate_spot(work, rf);
+    rf.amplitude_expected = std::max(sum - bg * double(rf.pixel_end - rf.pixel_begin), 0.0);
   }
+  (void)options;
+}
+
+void initial_shape(const ImageWork& work, double phi[kMaxShape]) {
+  std::vector<double> m11, m12, m22;
+  double area_fallback = kNaN;
+  for (const ReflectionFit& rf : work.reflections) {
+    if (rf.pixel_end == rf.pixel_begin || (rf.flags & kBadPrediction)) continue;
+    if (std::isnan(area_fallback)) area_fallback = rf.a_mean;
+    const double bg = std::isfinite(rf.stats.background[0]) ? rf.stats.background[0] : rf.file_background;
+    double S = 0.0, noise = 0.0, e1 = 0.0, e2 = 0.0;
+    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
+      const double s = work.counts[i] - bg;
+      S += s;
+      noise += std::max(work.counts[i], 1.0) + work.read_noise_sq[i];
+      e1 += s * work.eps1[i];
+      e2 += s * work.eps2[i];
+    }
+    if (!(S > 5.0 * std::sqrt(noise))) continue;
+    e1 /= S;
+    e2 /= S;
+    double a = 0.0, b = 0.0, c = 0.0;
+    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
+      const double s = work.counts[i] - bg, u1 = work.eps1[i] - e1, u2 = work.eps2[i] - e2;
+      a += s * u1 * u1;
+      b += s * u1 * u2;
+      c += s * u2 * u2;
+    }
+    // Second moment = (Sigma + D D'/6)/2 (a whole pixel's width): Sigma = 2 m - D D'/6.
+    const double* D = rf.pixel_jacobian;
+    m11.push_back(2.0 * a / S - (D[0] * D[0] + D[1] * D[1]) / 6.0);
+    m12.push_back(2.0 * b / S - (D[0] * D[2] + D[1] * D[3]) / 6.0);
+    m22.push_back(2.0 * c / S - (D[2] * D[2] + D[3] * D[3]) / 6.0);
+  }
+  auto median = [](std::vector<double>& v) {
+    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+    return v[v.size() / 2];
+  };
+  phi[kShapeA] = phi[kShapeC] = 0.0;
+  const double fallback = std::sqrt(2.0 * area_fallback);  // a spot of 1 px sd per axis
+  if (m11.size() < 3) {
+    phi[kShapeR1] = fallback;
+    return;
+  }
+  double s11 = median(m11), s12 = median(m12), s22 = median(m22);
+  const double floor = 0.02 * area_fallback;  // a spot of at least 0.1 px
+  s11 = std::max(s11, floor);
+  s22 = std::max(s22, floor);
+  s12 = std::clamp(s12, -0.9 * std::sqrt(s11 * s22), 0.9 * std::sqrt(s11 * s22));
+  const double det = s11 * s22 - s12 * s12;
+  const double R1 = std::pow(det, 0.25);
+  phi[kShapeR1] = std::isfinite(R1) && R1 > 0 ? R1 : fallback;
+  if (work.profile_model == ProfileModel::kIsotropic || !(R1 > 0)) return;
+  // Sigma / R1^2 = exp(H) = cosh(l) I + sinh(l)/l H with cosh(l) = trace/2.
+  const double n11 = s11 / (R1 * R1), n12 = s12 / (R1 * R1), n22 = s22 / (R1 * R1);
+  const double l = std::acosh(std::max(1.0, 0.5 * (n11 + n22)));
+  const double scale = l > 1e-8 ? l / std::sinh(l) : 1.0;
+  phi[kShapeA] = 0.5 * (n11 - n22) * scale;
+  phi[kShapeC] = n12 * scale;
+}
+
+double model_intensity(const ReflectionFit& rf, const ImageParameters& params) {
+  return intensity_model(params.G, params.B, rf.pred.d, rf.partiality, rf.pred.polarization,
+                         rf.intensity_ref);
+}
+
+void fit_reflections(ImageWork& work, const ImageParameters& params, const RefineOptions& options,
+                     bool scale_known) {
+  for (ReflectionFit& rf : work.reflections) {
+    if (rf.pixel_end == rf.pixel_begin || (rf.flags & kBadPrediction)) {
+      rf.stats.J = rf.stats.J_variance = kNaN;
+      rf.stats.shape_ok = false;
+      continue;
+    }
+    fit_reflection(work, rf, params, options);
+  }
+  work.position_sigma_px = positional_scatter(work, work.position_sigma_px);
+  work.spot_sd_px = narrow_sd_px(work, params.phi);
+  work.centre_step = 0.0;
+  for (ReflectionFit& rf : work.reflections) {
+    if (!rf.integrated()) continue;
+    // A spot the fit misses (J within 2 sd of 0) though the box clearly shows one: start its
+    // centre again from where the counts are.
+    const ReflectionStatistics& st = rf.stats;
+    if (!(st.J > 2.0 * std::sqrt(st.J_variance)) && locate_spot(work, rf)) {
+      work.centre_step = kInf;
+      continue;
+    }
+    work.centre_step = std::max(work.centre_step,
+                                update_centre(rf, work.position_sigma_px, params.error_scale));
+    const bool reference = scale_known && !(rf.flags & kNoReference);
+    rf.amplitude_expected = std::max(reference ? model_intensity(rf, params) : rf.stats.J, 0.0);
+    if (!std::isfinite(rf.amplitude_expected)) rf.amplitude_expected = std::max(rf.stats.J, 0.0);
+  }
+}
+
+double reflection_profile(const ImageWork& work, const ReflectionFit& rf, const double* phi,
+                          int64_t pixel) {
+  const Sym2<double> M = profile_precision(phi, rf.S, rf.pixel_smoothing);
+  const double tail = work.profile_model == ProfileModel::kTail ? phi[kShapeTail] : 0.0;
+  return work.area[pixel] * pixel_density(work.eps1[pixel] - rf.delta[0],
+                                          work.eps2[pixel] - rf.delta[1], rf.pixel_jacobian,
+                                          work.subpixels, M, tail, phi[kShapeTailScale]);
 }
 
 }  // namespace pixelrefine

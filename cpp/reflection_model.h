@@ -1,6 +1,12 @@
-// The per-image working state of a refinement: each reflection's valid pixels with their
-// tangential offsets, its background, and the Fisher weights and sigmas that are held fixed
-// within one solve and re-evaluated between solves (iteratively reweighted).
+// The per-image working state of a refinement and the per-reflection fit that feeds it.
+//
+// Each reflection is fitted on its own, at image-level parameters held fixed: the spot's
+// amplitude J and its background (flat or a plane) by weighted least squares with the Fisher
+// weights, the spot's centre by a Newton step with the image's positional prior, and the
+// statistics the image-level residuals compare with their models (METHODS.md §I.5-I.9):
+// J and its variance (Term 1), the shape scores (Term 2) and the centre (Term 3). All of them
+// come from one pass over the reflection's valid pixels, which accumulates the weighted Gram
+// matrix of (P, background basis, dP/d centre, dP/d shape, counts).
 #pragma once
 
 #include <cstdint>
@@ -9,6 +15,7 @@
 #include <vector>
 
 #include "physics.h"
+#include "profile.h"
 #include "shoebox_view.h"
 
 namespace pixelrefine {
@@ -21,67 +28,103 @@ enum ReflectionFlag : int32_t {
   kNoReference = 1,          // intensity_ref is NaN: integrated, not used for scaling
   kTooFewPixels = 2,         // fewer than min_valid_pixels valid pixels: not integrated
   kPanelEdge = 4,            // the shoebox lies against its panel's edge (spot may be cut)
-  kOutlier = 8,              // |r1| > outlier_sigma: excluded from the scale fit
-  kFewBackgroundPixels = 16, // background set: the pixels farthest from the box centre
-  kWeakShape = 32,           // expected signal/noise below min_snr_shape: no shape/position term
+  kOutlier = 8,              // |r1| > outlier_sigma at the final parameters: not in the scale fit
+  kPixelOutliers = 16,       // pixels far above the model (zinger, a neighbour's spot) left out
+  kNoShape = 32,             // J <= 0: no shape or position information
   kNotRefined = 64,          // its image was not refined (see the image's status)
-  kBadPrediction = 128,      // the predicted ray misses the reflection's panel plane
+  kBadPrediction = 128,      // no prediction: the ray misses the panel, or d < lambda/2
+  kProfileOutsideBox = 256,  // less than min_profile_fraction of the profile in the valid pixels
+  kLowPartiality = 512,      // p < min_partiality: intensity_scaled not given
+  kPlaneBackground = 1024,   // the background is a plane (else flat)
 };
 
 // Image status codes (/images/status).
 enum ImageStatus : int32_t {
   kConverged = 0,
   kNotConverged = 1,       // the reweighting did not settle within max_outer solves
-  kTooFewReflections = 2,  // fewer than min_reflections usable reflections: not refined
+  kTooFewReflections = 2,  // fewer than min_reflections usable reflections: not scaled
   kSolverFailure = 3,      // Ceres reported failure or a non-finite parameter
   kAtBound = 4,            // converged with a parameter on its bound (sigmas unreliable)
   kSingularCovariance = 5, // converged, but the covariance could not be inverted
+  kNoReferenceImage = 6,   // profile refined and every spot integrated, not scaled (G, B NaN)
+  kImplausibleProfile = 7, // spot width outside [spot_sd_min, half the box] (pixels)
+  kPoorFit = 8,            // pooled pixel chi^2 of the final model above chi2_max
 };
 
 struct RefineOptions {
   std::string objective = "factored";  // "factored" or "pixel"
-  std::vector<double> R0;              // per crystal index, A^-1 (given, not refined here)
-  double eta = 0.0;                    // rms mosaic spread, rad
-  double sigma_G = kInf;               // prior G ~ N(1, sigma_G); inf = no prior
-  double reference_sigma_rel = 0.0;    // relative error of I_ref, added to Term 1's variance
-  bool refine_geometry = false;        // Term 3: rotation omega and detector shift
-  double sigma_rotation = 1e-3;        // prior omega ~ N(0, sigma_rotation), rad
-  double sigma_shift = 1.0;            // prior shift ~ N(0, sigma_shift), mm
-  int max_outer = 10;                  // reweighting rounds (Ceres solves) per image
-  int max_iterations = 50;             // Levenberg-Marquardt iterations per solve
-  double outer_tolerance = 0.1;        // settled when every parameter moves < tol * sigma
-  double G_init = 0.0;                 // 0 = estimate
-  double B_init = 0.0;
-  double R1_init = 0.0;                // 0 = estimate from second moments
+  std::string profile = "anisotropic"; // "isotropic", "anisotropic", "tail"
+  std::string background = "auto";    // "flat", "plane", "auto" (plane where the box allows)
+  // Per crystal index (see /global): given or refined by the Python layer's global loop.
+  std::vector<double> R0;               // A^-1
+  std::vector<double> eta;              // rad (empty = 0)
+  std::vector<double> error_scale;      // k: counting sigmas times k (empty = 1)
+  std::vector<double> reference_error;  // f: relative error of I_ref (empty = 0)
+  std::vector<double> tail_fraction;    // t (profile "tail"; empty = 0)
+  std::vector<double> tail_scale;       // s (profile "tail"; empty = 3)
+  std::vector<double> G_prior;          // centre of the G prior (empty = no prior)
+  std::vector<double> R0_sigma;         // sd of R0, propagated into intensity_scaled (empty = 0)
+  double sigma_G = kInf;                // relative width of the G prior; inf = none
+  bool refine_geometry = false;         // Term 3: rotation omega and detector shift
+  double sigma_rotation = 1e-3;         // prior omega ~ N(0, sigma_rotation), rad
+  double sigma_shift = 1.0;             // prior shift ~ N(0, sigma_shift), mm
+  int max_outer = 12;                   // reweighting rounds (passes + Ceres solves) per image
+  int max_iterations = 50;              // Levenberg-Marquardt iterations per solve
+  double outer_tolerance = 0.1;         // settled when every parameter moves < tol * sigma
   double B_min = -200.0, B_max = 200.0;
-  int min_background_pixels = 6;
   int min_valid_pixels = 5;
+  int plane_min_pixels = 49;            // "auto" background: a plane from this many valid pixels
   int min_reflections = 3;
-  double min_snr_shape = 5.0;          // gate for the shape and position terms
-  double outlier_sigma = 10.0;         // 0 = never exclude
-  double variance_floor = 1e-2;        // photons^2, lower bound of v_p
-  std::string loss = "none";           // pixel objective only: "none", "huber", "cauchy"
-  double loss_scale = 1.0;             // delta (Huber) or a (Cauchy)
+  double outlier_sigma = 6.0;           // Term 1: |r1| above this leaves the scale fit (0 = never)
+  double pixel_outlier_sigma = 6.0;     // pixels this far above the model are left out (0 = never)
+  double min_profile_fraction = 0.2;    // integrated only when the valid pixels hold this much
+  double min_partiality = 1e-3;         // intensity_scaled only above this partiality
+  double position_sigma = 0.5;          // starting rms offset of spots from prediction (pixels)
+  double spot_sd_min = 0.1;             // plausible spot sd (pixels), lower bound
+  double chi2_max = 3.0;                // pooled pixel chi^2 per degree of freedom, upper bound
+  double variance_floor = 1e-2;         // photons^2, lower bound of v_p
+  std::string loss = "none";            // pixel objective only: "none", "huber", "cauchy"
+  double loss_scale = 1.0;              // delta (Huber) or a (Cauchy)
 };
 
-// Per-image parameters: the values being refined.
+// Per-image parameters. phi: the shape vector (R1, a, c, t, s); which entries are refined is
+// set by the profile model (t, s are per crystal, held).
 struct ImageParameters {
-  double G = 1.0, B = 0.0, R1 = 0.0;
+  double G = 1.0, B = 0.0;
+  double phi[kMaxShape] = {0.0, 0.0, 0.0, 0.0, 3.0};
   double rotation[3] = {0.0, 0.0, 0.0};
   double detector_shift = 0.0;
-  double R0 = 0.0;  // given (per crystal)
+  // Per crystal, held within an image's refinement.
+  double R0 = 0.0, eta = 0.0, error_scale = 1.0, reference_error = 0.0;
 };
 
-// The profile sums of one reflection in a single pass over its valid pixels (one exp per
-// pixel), from which J and the model second moment follow.
-template <typename T>
-struct ProfileSums {
-  T wPs{0.0};   // sum w P s
-  T wPP{0.0};   // sum w P^2
-  T wP{0.0};    // sum w P
-  T P{0.0};     // sum P
-  T Pu{0.0};    // sum P u, u = |eps_t|^2 / 2
-  T pbar{0.0};  // mean P over the background set (0 when the file gives the background)
+// Everything one pass over a reflection's pixels yields (at held image-level parameters).
+struct ReflectionStatistics {
+  double J = kNaN, J_variance = kNaN;  // amplitude and its counting variance (k = 1)
+  double background[3] = {kNaN, 0.0, 0.0};  // b, and the plane's slopes per normalised pixel
+  double profile_fraction = 0.0;       // sum of P over the valid pixels used
+  double chi2 = 0.0;                   // sum w e^2 over the pixels used (k = 1)
+  int n_used = 0;                      // pixels used
+  int n_parameters = 0;                // local parameters fitted (J, background, centre)
+  double chi2_background = 0.0;        // sum w e^2 over background-dominated pixels
+  int n_background = 0;
+  // Shape: whitened scores z = L^-1 T and U = L' (L L' = F, the Fisher matrix of the image's
+  // refined shape parameters with J, the background and the centre profiled out), n_shape
+  // entries; and dJ/dphi (for the propagation of the shape's uncertainty into G).
+  double shape_z[kMaxShape] = {0, 0, 0, 0, 0};
+  double shape_U[kMaxShape * kMaxShape] = {};  // row-major, upper triangular
+  double dJ_dphi[kMaxShape] = {0, 0, 0, 0, 0};
+  // Scores and information of the held (t, s), for the per-crystal global step.
+  double tail_score[2] = {0, 0};
+  double tail_information[3] = {0, 0, 0};  // (tt, ts, ss)
+  double shape_tail_cross[kMaxShape * 2] = {};  // F(phi_k, (t, s)), row-major [k][2]
+  double m2_obs = kNaN;  // the seed's ratio sum (I - Bg) |u|^2/2 / sum (I - Bg) (diagnostic)
+  // Centre: score and Fisher information (per unit J^2) of the centre offset delta, from the
+  // profile at a known centre, and the amplitude fitted with that profile.
+  double centre_amplitude = kNaN;
+  double centre_score[2] = {0, 0};
+  double centre_information[3] = {0, 0, 0};  // (11, 12, 22)
+  bool shape_ok = false;
 };
 
 // Per-reflection state. Pixel-level arrays live in ImageWork, in [pixel_begin, pixel_end).
@@ -91,179 +134,93 @@ struct ReflectionFit {
   const int32_t* hkl = nullptr;
   const int32_t* bbox = nullptr;  // x0, x1, y0, y1
   double intensity_ref = kNaN;
+  double file_background = kNaN;  // /reflections/background (NaN: estimated)
   int32_t flags = 0;
   int64_t pixel_begin = 0, pixel_end = 0;
+  int n_background_parameters = 1;  // 1 flat, 3 plane (0: the file gives the background)
+  double box_centre[2] = {0, 0};    // pixel coordinates of the box centre
+  double box_half = 1.0;            // half the box side (normalises the plane's slopes)
 
-  // Background: a fixed set of pixels (the shoebox's outer ring), chosen once.
-  int n_background = 0;                // 0 when the file gives the background
-  double background_observed = kNaN;   // Bg_obs: file value, or mean counts of the set
-
-  // Reflection-level prediction at the current geometry.
+  // At the current geometry.
   Prediction<double> pred{};
   double partiality = kNaN;
-  double a_mean = kNaN;    // mean pixel area on the sphere over the valid pixels
-  double u_sum = 0.0;      // sum of u = |eps_t|^2 / 2 over the valid pixels
+  double a_mean = kNaN;         // mean pixel area on the sphere over the valid pixels
+  double pixel_jacobian[4] = {1, 0, 0, 1};  // D = d eps / d (x, y) at c_pred, row-major (A^-1/px)
+  double pixel_smoothing[3] = {0, 0, 0};    // D D'/(6 n^2): a sub-cell's own width in Sigma
 
-  // Held fixed within one solve.
-  double amplitude_expected = 0;  // A used in the weights (J_model, or J without reference)
-  double sigma_intensity = kNaN;  // Term 1 sigma: sqrt(var J + (f_ref J_model)^2)
-  double m2_obs = kNaN, sigma_m2 = kNaN;
-  double x_obs = kNaN, y_obs = kNaN, sigma_x = kNaN, sigma_y = kNaN;
-  double x_offset = 0, y_offset = 0;  // expected centroid - c_pred (box truncation, ring)
-  double background_profile_held = 0;  // Pbar at the last update_weights
-  // Pbar and dPbar/dR1 at R1 = background_profile_r1, set before each evaluation of the
-  // pixel objective (BackgroundProfileCallback).
-  double background_profile_live = 0, background_profile_slope = 0, background_profile_r1 = 0;
-  // Evaluated with the weights, at the parameters of the last update_weights.
-  double J = kNaN, J_variance = kNaN;  // profile-fitted amplitude and its variance
-  double intensity_residual = 0.0;     // r1 (0 when Term 1 is off)
-  // The cost functors' pixel sums and their derivatives in R1 at the last two values of R1
-  // (with the held weights): Ceres evaluates the residuals at a candidate point and, when it
-  // accepts it, the Jacobian at the same point; when it stops on a rejected candidate, the
-  // covariance is evaluated at the previous point. Either reuses a pass over the pixels.
-  // Invalidated (NaN) whenever the weights or the geometry change.
-  mutable ProfileSums<ceres::Jet<double, 1>> sums_cache[2];
-  mutable double sums_r1[2] = {kNaN, kNaN};
-  mutable int sums_next = 0;
+  // Held: the centre delta (A^-1, (e1, e2)), its posterior covariance S (11, 12, 22), the
+  // background and the amplitude of the weights, and the last pass's statistics.
+  double delta[2] = {0, 0};
+  double S[3] = {0, 0, 0};
+  double amplitude_expected = 0.0;  // A in v_p = Bg + A P + sigma_read^2
+  ReflectionStatistics stats;
+  // Centre estimate without the prior (pixels) and its covariance, for Term 3.
+  double centre_px[2] = {kNaN, kNaN};
+  double centre_cov[3] = {kNaN, kNaN, kNaN};
+  double centre_sd_px = kInf;  // sd of the held centre (largest axis of S, pixels)
+  // Term 1, held within a solve.
+  double sigma_intensity = kNaN;  // sqrt(k^2 var J + (f J_model)^2)
+  double intensity_residual = 0.0;
   bool use_intensity = false;     // Term 1 active
-  bool use_shape = false;         // Terms 2 and 3 active
+  bool use_shape = false;         // Term 2 active
+  bool use_position = false;      // Term 3 active
+  bool integrated() const {
+    return pixel_end > pixel_begin && !(flags & (kBadPrediction | kTooFewPixels | kProfileOutsideBox));
+  }
 };
 
 struct ImageWork {
   double wavelength = 0, bandwidth = 0, polarization_fraction = 0;
   const double* A = nullptr;
+  ProfileModel profile_model = ProfileModel::kAnisotropic;
+  int n_shape = 3;
   std::vector<ReflectionFit> reflections;
   // Valid pixels of all reflections, concatenated.
-  std::vector<double> counts, x, y;      // observed photons; pixel-centre coordinates
-  std::vector<double> eps_sq, area;      // |eps_t|^2 and a_p at the current geometry
-  std::vector<double> signal;            // s_p = I_p - Bg_obs (data only)
-  std::vector<double> weight;            // w_p = 1 / v_p
-  std::vector<double> variance;          // v_p
-  std::vector<double> profile;           // P_p at the last update_weights
-  std::vector<uint8_t> in_background;    // pixel of the background set
+  std::vector<double> counts, x, y;  // observed photons; pixel-centre coordinates
+  std::vector<double> eps1, eps2;    // eps_t at the current geometry (A^-1)
+  std::vector<double> area;          // a_p
   std::vector<double> read_noise_sq;
+  std::vector<double> expected;      // mu_p of the last pass
+  std::vector<double> variance;      // v_p of the last pass
+  std::vector<double> weight;        // w_p = 1/v_p of the last pass (0: pixel left out)
+  std::vector<uint8_t> used;         // 0: left out as an outlier pixel in the last pass
+  double position_sigma_px = 0.5;    // rms offset of spots from prediction (pixels), held
+  int subpixels = 1;                 // n: the profile is averaged over n x n points per pixel
+  double centre_step = 0.0;          // largest centre step of the last pass (posterior sds)
+  double spot_sd_px = kNaN;          // the core's sd along its narrow axis (pixels), held
 };
 
-// Templated pixel sums, shared by the cost functors (Jets) and the final integration.
-// With Bg_obs the mean of the background set, E[I_p - Bg_obs] = A (P_p - Pbar), Pbar the
-// mean profile over the set: the spot's tail in the ring is modelled, not subtracted.
-
-template <typename T>
-ProfileSums<T> profile_sums(const ImageWork& w, const ReflectionFit& rf, const T& R1) {
-  // P_p = c a_p g_p (profile_density) with c = 1/(pi R_p^2) common to the reflection: the
-  // sums run over a g and are scaled by c (c^2 for the quadratic one) once at the end.
-  ProfileSums<T> sums;
-  T ring(0.0);
-  const T inverse_width_sq = 1.0 / profile_width_sq(R1, rf.a_mean);
-  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-    const T ag = w.area[i] * tangential_shape(w.eps_sq[i], inverse_width_sq);
-    const T w_ag = w.weight[i] * ag;
-    sums.wPs += w_ag * w.signal[i];
-    sums.wPP += w_ag * ag;
-    sums.wP += w_ag;
-    sums.P += ag;
-    sums.Pu += ag * (0.5 * w.eps_sq[i]);
-    if (w.in_background[i]) ring += ag;
-  }
-  const T c = tangential_normalisation(inverse_width_sq);
-  sums.wPs *= c;
-  sums.wPP *= c * c;
-  sums.wP *= c;
-  sums.P *= c;
-  sums.Pu *= c;
-  if (rf.n_background > 0) sums.pbar = c * ring / double(rf.n_background);
-  return sums;
-}
-
-// The pixel sums for a cost functor, with T = double or a Jet of any size. They depend on R1
-// alone, so they are differentiated in forward mode with a one-dimensional Jet seeded on R1
-// (autodiff through the pixel sums) and carried to T's derivative space by the chain rule
-// (d sum / d theta = d sum / d R1 * d R1 / d theta): the same derivatives as profile_sums<T>
-// at a third of the per-pixel cost for T = Jet<3>. Cached per reflection (sums_cache).
-inline void invalidate_profile_sums(const ReflectionFit& rf) {
-  rf.sums_r1[0] = rf.sums_r1[1] = kNaN;
-}
-
-inline const ProfileSums<ceres::Jet<double, 1>>& cached_profile_sums(const ImageWork& w,
-                                                                      const ReflectionFit& rf,
-                                                                      double R1) {
-  for (int slot = 0; slot < 2; ++slot)
-    if (rf.sums_r1[slot] == R1) return rf.sums_cache[slot];
-  const int slot = rf.sums_next;
-  rf.sums_next = 1 - slot;
-  rf.sums_cache[slot] = profile_sums(w, rf, ceres::Jet<double, 1>(R1, 0));
-  rf.sums_r1[slot] = R1;
-  return rf.sums_cache[slot];
-}
-
-inline ProfileSums<double> profile_sums_of(const ImageWork& w, const ReflectionFit& rf,
-                                           const double& R1) {
-  const ProfileSums<ceres::Jet<double, 1>>& s = cached_profile_sums(w, rf, R1);
-  ProfileSums<double> out;
-  out.wPs = s.wPs.a;
-  out.wPP = s.wPP.a;
-  out.wP = s.wP.a;
-  out.P = s.P.a;
-  out.Pu = s.Pu.a;
-  out.pbar = s.pbar.a;
-  return out;
-}
-
-template <int N>
-ProfileSums<ceres::Jet<double, N>> profile_sums_of(const ImageWork& w, const ReflectionFit& rf,
-                                                   const ceres::Jet<double, N>& R1) {
-  const ProfileSums<ceres::Jet<double, 1>>& s = cached_profile_sums(w, rf, R1.a);
-  auto lift = [&](const ceres::Jet<double, 1>& x) {
-    ceres::Jet<double, N> out;
-    out.a = x.a;
-    out.v = x.v[0] * R1.v;
-    return out;
-  };
-  ProfileSums<ceres::Jet<double, N>> out;
-  out.wPs = lift(s.wPs);
-  out.wPP = lift(s.wPP);
-  out.wP = lift(s.wP);
-  out.P = lift(s.P);
-  out.Pu = lift(s.Pu);
-  out.pbar = lift(s.pbar);
-  return out;
-}
-
-// Profile-fitted amplitude J = sum w P (I - Bg_obs) / sum w P (P - Pbar), which is
-// conventions.md's J = sum w P (I - Bg) / sum w P^2 with the background Bg = Bg_obs - J Pbar.
-template <typename T>
-T profile_fit_amplitude(const ProfileSums<T>& s) {
-  return s.wPs / (s.wPP - s.pbar * s.wP);
-}
-
-// Model second moment over the valid pixels, M2 = sum (P - Pbar) u / sum (P - Pbar); for a
-// spot wholly inside its box with a known background it is R1^2/2 + a/12 (the pixel term is
-// in P, see profile_density).
-template <typename T>
-T model_second_moment(const ImageWork& w, const ReflectionFit& rf, const ProfileSums<T>& s) {
-  const double n = double(rf.pixel_end - rf.pixel_begin);
-  return (s.Pu - s.pbar * rf.u_sum) / (s.P - s.pbar * n);
-}
-
 // Builds the work state of one image: valid pixels and their coordinates, static flags, the
-// background set (valid pixels of the shoebox's outer ring; if fewer than
-// min_background_pixels, the valid pixels farthest from the box centre) and Bg_obs.
+// background model of each box.
 void setup_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& options,
                  ImageWork& work);
 
 // Reflection-level prediction and pixel-level eps_t, a_p at the given geometry.
-void update_geometry(ImageWork& work, const ImageParameters& params, double eta);
+void update_geometry(ImageWork& work, const ImageParameters& params);
 
-// Fisher weights, sigmas, statistics, J and the Term gates at the given parameters (one pass
-// over the pixels). J of the previous call supplies the amplitude of reflections without a
-// reference, and of all reflections when the scale is not known (scale_known = false).
-void update_weights(ImageWork& work, const ImageParameters& params, const RefineOptions& options,
-                    bool scale_known);
+// The pixel sampling: n x n sub-pixel points, and each reflection's sub-cell width; and the n
+// a shape needs (subpixels_for the narrow axis of the Gaussian core, in pixels).
+void set_subpixels(ImageWork& work, int n);
+int subpixels_for_shape(const ImageWork& work, const double phi[kMaxShape]);
+double narrow_sd_px(const ImageWork& work, const double phi[kMaxShape]);
 
-// Sets every reflection's Pbar(R1) and dPbar/dR1 at the given R1 (analytic derivative).
-void update_background_profile(ImageWork& work, double R1);
+// Starting values before the first pass: background from the box's border, amplitude from the
+// summation, centre at the prediction; and the starting shape from the strong spots' moments.
+void initialise_reflections(ImageWork& work, const RefineOptions& options);
+void initial_shape(const ImageWork& work, double phi[kMaxShape]);
 
-// Flat background of the model, Bg = Bg_obs - A Pbar (Pbar at the last update_weights).
-double model_background(const ReflectionFit& rf, double amplitude);
+// The pass: every reflection's fit and statistics at the held parameters (scale_known: use
+// J_model as the weights' amplitude where there is a reference). Then the held centres, the
+// weights' amplitudes and the image's positional scatter are updated for the next pass.
+void fit_reflections(ImageWork& work, const ImageParameters& params, const RefineOptions& options,
+                     bool scale_known);
+
+// Profile P_p of every valid pixel of one reflection at the held centre and the given shape
+// (the same P the pass used; for the model counts and the per-pixel objective).
+double reflection_profile(const ImageWork& work, const ReflectionFit& rf, const double* phi,
+                          int64_t pixel);
+
+// J_model = G B_term p pol I_ref of one reflection at the given scale (held geometry).
+double model_intensity(const ReflectionFit& rf, const ImageParameters& params);
 
 }  // namespace pixelrefine

@@ -1,57 +1,48 @@
-// Cost functors. They only assemble residuals from the physics (physics.h) and the pixel sums
-// (reflection_model.h); weights and sigmas are read from the reflection's state, which is
-// held fixed within a solve. Each functor keeps a pointer to state that outlives the problem.
+// Cost functors. They only assemble residuals from the physics (physics.h, profile.h) and the
+// per-reflection statistics (reflection_model.h), which are held fixed within a solve. Each
+// functor keeps a pointer to state that outlives the problem.
 #pragma once
-
-#include <ceres/evaluation_callback.h>
 
 #include "reflection_model.h"
 
 namespace pixelrefine {
 
-// Terms 1 and 2 of one reflection from a single pass over its pixels:
-//   r1 = (J(R1) - G B_term p pol I_ref) / sigma_J      (0 when Term 1 is off)
-//   r2 = (M2_obs - M2_model(R1)) / sigma_M2             (0 when Term 2 is off)
-// r2 does not involve G, B or the geometry, so dr2/dG = 0 exactly.
-template <typename T, typename D>
-inline void reflection_residuals(const ImageWork& work, const ReflectionFit& rf, const T& G,
-                                 const T& B, const T& R1, const D& d, const D& p, const D& pol,
-                                 T residual[2]) {
-  const ProfileSums<T> sums = profile_sums_of(work, rf, R1);
-  residual[0] = rf.use_intensity
-                    ? (profile_fit_amplitude(sums) - intensity_model(G, B, d, p, pol, rf.intensity_ref)) /
-                          rf.sigma_intensity
-                    : T(0.0);
-  residual[1] = rf.use_shape
-                    ? (T(rf.m2_obs) - model_second_moment(work, rf, sums)) / rf.sigma_m2
-                    : T(0.0);
-}
-
-// Terms 1 and 2 with the geometry held (parameters G, B, R1).
-struct ReflectionResidual {
-  ReflectionResidual(const ImageWork* work, const ReflectionFit* rf) : work(work), rf(rf) {}
+// Term 1, intensity, geometry held (parameters G, B):
+//   r1 = (J - G exp(-B/(4 d^2)) p pol I_ref) / sigma_1,  sigma_1^2 = k^2 var J + (f J_model)^2.
+// J is the reflection's fitted amplitude at the held shape: dr1/dphi = 0, the shape leaves it.
+struct IntensityResidual {
+  explicit IntensityResidual(const ReflectionFit* rf) : rf(rf) {}
   template <typename T>
-  bool operator()(const T* G, const T* B, const T* R1, T* residual) const {
-    reflection_residuals(*work, *rf, G[0], B[0], R1[0], rf->pred.d, rf->partiality,
-                         rf->pred.polarization, residual);
+  bool operator()(const T* G, const T* B, T* residual) const {
+    if (!rf->use_intensity) {
+      residual[0] = T(0.0);
+      return true;
+    }
+    const T j_model = intensity_model(G[0], B[0], rf->pred.d, rf->partiality,
+                                      rf->pred.polarization, rf->intensity_ref);
+    residual[0] = (T(rf->stats.J) - j_model) / rf->sigma_intensity;
     return true;
   }
-  const ImageWork* work;
   const ReflectionFit* rf;
 };
 
-// Terms 1 and 2 with the crystal rotation live (parameters G, B, R1, omega): d, eps_r, p and
-// pol follow omega; the pixel-level offsets eps_t stay at the solve's starting geometry.
-struct ReflectionGeometryResidual {
-  ReflectionGeometryResidual(const ImageWork* work, const ReflectionFit* rf, double R0, double eta)
+// Term 1 with the crystal rotation live (parameters G, B, omega): d, eps_r, p and pol follow
+// omega, with R0_eff from the crystal's R0 and eta.
+struct IntensityGeometryResidual {
+  IntensityGeometryResidual(const ImageWork* work, const ReflectionFit* rf, double R0, double eta)
       : work(work), rf(rf), R0(R0), eta(eta) {}
   template <typename T>
-  bool operator()(const T* G, const T* B, const T* R1, const T* omega, T* residual) const {
+  bool operator()(const T* G, const T* B, const T* omega, T* residual) const {
+    if (!rf->use_intensity) {
+      residual[0] = T(0.0);
+      return true;
+    }
     const Prediction<T> pred = predict(work->A, rf->hkl, work->wavelength,
                                        work->polarization_fraction, *rf->panel, omega, T(0.0));
     const T width_sq = partiality_width_sq(T(R0), T(eta), pred.d, work->wavelength, work->bandwidth);
     const T p = partiality(pred.excitation_error, width_sq);
-    reflection_residuals(*work, *rf, G[0], B[0], R1[0], pred.d, p, pred.polarization, residual);
+    const T j_model = intensity_model(G[0], B[0], pred.d, p, pred.polarization, rf->intensity_ref);
+    residual[0] = (T(rf->stats.J) - j_model) / rf->sigma_intensity;
     return true;
   }
   const ImageWork* work;
@@ -59,68 +50,96 @@ struct ReflectionGeometryResidual {
   double R0, eta;
 };
 
-// Term 3: r3 = (c_obs - c_pred(omega, shift) - offset) / sigma_c, per pixel axis; the offset
-// (expected centroid of the cut, ring-subtracted spot minus c_pred) is held within a solve.
+// Term 2, shape (parameters dphi = phi - phi_held, the image's refined shape parameters):
+//   r2 = (z - J U dphi) / k,
+// the whitened shape scores z = L^-1 T against their expectation given J; T is linear in the
+// counts (the weighted residuals of the local fit projected on dP/dphi), E[T] = J F dphi to
+// first order, F = L L' = U'U (METHODS.md §I.8). G, B and the geometry are not arguments:
+// dr2/dG = 0 exactly.
+template <int N>
+struct ShapeResidual {
+  ShapeResidual(const ReflectionFit* rf, const double* error_scale) : rf(rf), error_scale(error_scale) {}
+  template <typename T>
+  bool operator()(const T* dphi, T* residual) const {
+    const ReflectionStatistics& st = rf->stats;
+    for (int r = 0; r < N; ++r) {
+      if (!rf->use_shape) {
+        residual[r] = T(0.0);
+        continue;
+      }
+      T expected(0.0);
+      for (int c = r; c < N; ++c) expected += st.shape_U[r * kMaxShape + c] * dphi[c];
+      residual[r] = (T(st.shape_z[r]) - st.J * expected) / *error_scale;
+    }
+    return true;
+  }
+  const ReflectionFit* rf;
+  const double* error_scale;
+};
+
+// Term 3, position (parameters omega, detector shift):
+//   r3 = W (c_fit - c_pred(omega, shift)),  W'W = (k^2 C + sigma_pos^2 I)^-1,
+// c_fit the spot centre the local fit estimates (pixels) and C its covariance, sigma_pos the
+// image's rms scatter of spots about their predictions. dr3/dG = 0 exactly.
 struct PositionResidual {
-  PositionResidual(const ImageWork* work, const ReflectionFit* rf) : work(work), rf(rf) {}
+  PositionResidual(const ImageWork* work, const ReflectionFit* rf, const double whitening[3])
+      : work(work), rf(rf) {
+    std::copy(whitening, whitening + 3, w);
+  }
   template <typename T>
   bool operator()(const T* omega, const T* shift, T* residual) const {
-    if (!rf->use_shape) {
-      residual[0] = T(0.0);
-      residual[1] = T(0.0);
+    if (!rf->use_position) {
+      residual[0] = residual[1] = T(0.0);
       return true;
     }
     const Prediction<T> pred = predict(work->A, rf->hkl, work->wavelength,
                                        work->polarization_fraction, *rf->panel, omega, shift[0]);
-    residual[0] = (T(rf->x_obs) - (pred.x + rf->x_offset)) / rf->sigma_x;
-    residual[1] = (T(rf->y_obs) - (pred.y + rf->y_offset)) / rf->sigma_y;
+    const T dx = T(rf->centre_px[0]) - pred.x, dy = T(rf->centre_px[1]) - pred.y;
+    residual[0] = w[0] * dx + w[1] * dy;  // W upper triangular (w11, w12, w22)
+    residual[1] = w[2] * dy;
     return true;
   }
   const ImageWork* work;
   const ReflectionFit* rf;
+  double w[3];
 };
 
-// Baseline per-pixel objective: r_p = (I_p - mu_p) / sqrt(v_p), mu_p = Bg + J_model P_p, with
-// Bg = Bg_obs - J_model Pbar: r_p = (s_p - J_model (P_p - Pbar(R1))) / sqrt(v_p). One residual
-// block per pixel, so that a Ceres loss function applies per pixel; Pbar(R1), shared by the
-// pixels of a reflection, is computed once per evaluation by BackgroundProfileCallback with
-// its derivative, and enters here to first order about that point (exact there).
+// Baseline per-pixel objective (parameters G, B, phi (NS refined entries), the reflection's
+// background b (NB = 1: flat; 3: plane)):
+//   r_p = (I_p - bg_p(b) - G B_term p pol I_ref P_p(phi)) / sqrt(v_p),
+// P_p at the held centre of the spot, w_p = 1/v_p the pass's weight (0 for a pixel left out);
+// one residual block per pixel so that a Ceres loss function applies per pixel. A background
+// given by the file is used as it is (b then unused and held constant).
+template <int NS, int NB>
 struct PixelResidual {
-  PixelResidual(const ImageWork* work, const ReflectionFit* rf, int64_t pixel)
-      : work(work), rf(rf), pixel(pixel) {}
+  PixelResidual(const ImageWork* work, const ReflectionFit* rf, int64_t pixel, const double* held_phi)
+      : work(work), rf(rf), pixel(pixel), held_phi(held_phi) {}
   template <typename T>
-  bool operator()(const T* G, const T* B, const T* R1, T* residual) const {
-    if (!rf->use_intensity) {
-      residual[0] = T(0.0);
-      return true;
-    }
+  bool operator()(const T* G, const T* B, const T* phi, const T* b, T* residual) const {
+    T shape[kMaxShape];
+    for (int k = 0; k < kMaxShape; ++k) shape[k] = k < NS ? phi[k] : T(held_phi[k]);
+    const Sym2<T> M = profile_precision(shape, rf->S, rf->pixel_smoothing);
+    const T tail = work->profile_model == ProfileModel::kTail ? shape[kShapeTail] : T(0.0);
+    const T P = work->area[pixel] * pixel_density(work->eps1[pixel] - rf->delta[0],
+                                                  work->eps2[pixel] - rf->delta[1],
+                                                  rf->pixel_jacobian, work->subpixels, M, tail,
+                                                  shape[kShapeTailScale]);
     const T j_model = intensity_model(G[0], B[0], rf->pred.d, rf->partiality,
                                       rf->pred.polarization, rf->intensity_ref);
-    const T P = profile_density(work->eps_sq[pixel], work->area[pixel],
-                                1.0 / profile_width_sq(R1[0], rf->a_mean));
-    const T pbar = T(rf->background_profile_live) +
-                   (R1[0] - T(rf->background_profile_r1)) * rf->background_profile_slope;
-    residual[0] = (work->signal[pixel] - j_model * (P - pbar)) * std::sqrt(work->weight[pixel]);
+    T bg = T(rf->file_background);
+    if (rf->n_background_parameters > 0) {
+      bg = b[0];
+      if (NB == 3)
+        bg += b[1 % NB] * ((work->x[pixel] - rf->box_centre[0]) / rf->box_half) +
+              b[2 % NB] * ((work->y[pixel] - rf->box_centre[1]) / rf->box_half);
+    }
+    residual[0] = (work->counts[pixel] - bg - j_model * P) * std::sqrt(work->weight[pixel]);
     return true;
   }
   const ImageWork* work;
   const ReflectionFit* rf;
   int64_t pixel;
-};
-
-// Before each evaluation of the pixel objective: Pbar(R1) and its slope for every reflection.
-class BackgroundProfileCallback : public ceres::EvaluationCallback {
- public:
-  BackgroundProfileCallback(ImageWork* work, const double* R1) : work_(work), R1_(R1) {}
-  void PrepareForEvaluation(bool /*evaluate_jacobians*/, bool new_evaluation_point) final {
-    if (new_evaluation_point || work_->reflections.empty() ||
-        work_->reflections.front().background_profile_r1 != *R1_)
-      update_background_profile(*work_, *R1_);
-  }
-
- private:
-  ImageWork* work_;
-  const double* R1_;
+  const double* held_phi;
 };
 
 // Gaussian prior on one scalar: r = (x - mean) / sigma.

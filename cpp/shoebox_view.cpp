@@ -97,8 +97,8 @@ void ShoeboxSetView::validate() {
     const int32_t* h = miller_index + 3 * r;
     if (h[0] == 0 && h[1] == 0 && h[2] == 0) fail("/reflections/miller_index", r, "(0, 0, 0)");
     const double iref = intensity_ref[r];
-    if (!std::isnan(iref) && !(iref > 0.0 && std::isfinite(iref)))
-      fail("/reflections/intensity_ref", r, "must be > 0 and finite, or NaN (no reference)");
+    if (std::isinf(iref))
+      fail("/reflections/intensity_ref", r, "must be finite, or NaN (no reference)");
     const int32_t* b = bbox + 4 * r;
     const Panel& p = panels[panel[r]];
     if (!(b[0] < b[1] && b[2] < b[3]))
@@ -107,7 +107,7 @@ void ShoeboxSetView::validate() {
       fail("/reflections/bbox", r, "outside its panel");
     const int64_t area = int64_t(b[1] - b[0]) * int64_t(b[3] - b[2]);
     const int64_t off = pixel_offset[r];
-    if (off < 0 || off + area > n_pixels)
+    if (off < 0 || off > n_pixels || area > n_pixels - off)  // no signed overflow in off + area
       fail("/reflections/pixel_offset", r, "shoebox runs outside /pixels");
     if (!std::isnan(background[r]) && !std::isfinite(background[r]))
       fail("/reflections/background", r, "must be finite or NaN");

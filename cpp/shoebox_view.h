@@ -52,28 +52,52 @@ struct ShoeboxSetView {
   int64_t end_reflection(int64_t image) const { return image_start[image + 1]; }
 };
 
-// Result arrays, one row per image or per reflection, written in place by the core.
+// Result arrays, one row per image or per reflection, written in place by the core. The
+// starting values of a refinement are read from the same arrays where they are finite (warm
+// start: G, B, shape, rotation, detector_shift, centre_offset, background_plane), so that the
+// global loop can refine an image again from where it stopped.
 struct ResultsView {
+  int n_covariance = 3;  // k of covariance [N, k, k]
+  // Per image.
   double* G = nullptr;
   double* G_sigma = nullptr;
   double* B = nullptr;
   double* B_sigma = nullptr;
   double* R1 = nullptr;
   double* R1_sigma = nullptr;
+  double* R1_tensor = nullptr;       // [N, 3] Sigma11, Sigma12, Sigma22 (A^-2)
+  double* shape = nullptr;           // [N, 5] R1, a, c, t, s (warm start)
   double* rotation = nullptr;        // [N, 3]
   double* rotation_sigma = nullptr;  // [N, 3]
   double* detector_shift = nullptr;
   double* detector_shift_sigma = nullptr;
   int32_t* status = nullptr;
   int32_t* n_iterations = nullptr;
+  int32_t* n_outer = nullptr;
   double* cost = nullptr;
-  int32_t* n_reflections = nullptr;
-  double* covariance = nullptr;  // [N, k, k]
-
+  int32_t* n_reflections = nullptr;  // in the scale fit (Term 1) at the end
+  int32_t* n_integrated = nullptr;
+  double* chi2_pixel = nullptr;      // pooled chi^2 per degree of freedom of the pixels
+  double* chi2_intensity = nullptr;  // mean (r1)^2
+  double* chi2_shape = nullptr;      // mean (r2)^2 per shape residual
+  double* chi2_position = nullptr;   // mean (r3)^2 per position residual (NaN: Term 3 off)
+  double* position_sigma = nullptr;  // rms offset of spots from their predictions (pixels)
+  double* spot_sd = nullptr;         // rms width of the spot's core per axis (pixels)
+  double* covariance = nullptr;      // [N, k, k]
+  // Per image: contributions to the per-crystal global step (sums over images).
+  double* R0_gradient = nullptr;     // d cost / d log R0, reduced (Schur) over the image's scale
+  double* R0_curvature = nullptr;
+  double* tail_gradient = nullptr;   // [N, 2] d cost / d (t, s), reduced over the image's shape
+  double* tail_curvature = nullptr;  // [N, 3] (tt, ts, ss)
+  double* background_chi2 = nullptr; // sum of chi^2 of background-dominated pixels (k = 1)
+  double* background_dof = nullptr;  // their degrees of freedom
+  // Per reflection.
   double* intensity_prf = nullptr;
   double* intensity_prf_sigma = nullptr;
   double* intensity_scaled = nullptr;
   double* intensity_scaled_sigma = nullptr;
+  double* intensity_model = nullptr;
+  double* intensity_count_sigma = nullptr;  // sqrt(var J) with k = 1 (the error model's input)
   double* partiality = nullptr;
   double* excitation_error = nullptr;
   double* d = nullptr;
@@ -81,6 +105,9 @@ struct ResultsView {
   double* xyzobs = nullptr;  // [M, 2]
   double* m2_obs = nullptr;
   double* background = nullptr;
+  double* background_plane = nullptr;  // [M, 3] b, db/dx, db/dy (photons, per pixel)
+  double* centre_offset = nullptr;     // [M, 2] delta (A^-1, e1/e2 basis)
+  double* profile_fraction = nullptr;
   int32_t* flags = nullptr;
 };
 

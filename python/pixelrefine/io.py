@@ -20,7 +20,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers bitshuffle-LZ4 and the other filters with HDF5)
 import numpy as np
 
-from .refine import FLAGS, PARAMETER_NAMES, STATUS, Results
+from .refine import FLAGS, STATUS, Results
 from .shoeboxes import Detector, Images, Pixels, Reflections, ShoeboxSet, group_fields
 
 __all__ = ["ShoeboxFileError", "read_shoeboxes", "write_shoeboxes", "read_results",
@@ -365,7 +365,7 @@ def read_results(path: str | os.PathLike) -> Results:
                 raise ShoeboxFileError(f"{path}: missing group /{group}")
         groups = {g: {k: v[()] for k, v in f[g].items()} for g in ("images", "global", "reflections")}
         names = f["images/covariance"].attrs.get("parameter_names")
-        parameter_names = json.loads(_text(names)) if names is not None else list(PARAMETER_NAMES[:3])
+        parameter_names = json.loads(_text(names)) if names is not None else ["G", "B", "R1"]
         return Results(images=groups["images"], crystals=groups["global"],
                        reflections=groups["reflections"], parameter_names=parameter_names,
                        objective=_text(f.attrs.get("objective", "")),

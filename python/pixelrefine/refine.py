@@ -1,4 +1,11 @@
-"""Refinement of still images: ``ShoeboxSet`` → C++ core → ``Results``."""
+"""Refinement of still images: ``ShoeboxSet`` → C++ core → ``Results``.
+
+Two levels (METHODS.md §I.12): the core refines every image on its own at given per-crystal
+values (R0, the error model, the tail of the profile); this module's loop sums the images'
+contributions to each crystal's values (a reduction, so that it can run across processes),
+takes a Newton step on them and refines the images again from where they stopped, until the
+per-crystal values settle.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +19,19 @@ from . import _core
 from .shoeboxes import ShoeboxSet
 
 __all__ = ["Results", "refine", "refine_options", "STATUS", "FLAGS", "evaluate_image",
-           "model_counts"]
+           "model_counts", "CrystalModel"]
 
 #: /images/status codes.
 STATUS = {
     0: "converged",
     1: "not converged: the reweighting did not settle within max_outer solves",
-    2: "not refined: too few usable reflections (or no starting R1)",
+    2: "not scaled: too few usable reflections with a reference (G, B NaN)",
     3: "solver failure (Ceres failure or a non-finite parameter)",
     4: "converged with a parameter on its bound (sigmas unreliable)",
     5: "converged, singular covariance (sigmas NaN)",
+    6: "no reference: profile refined and every spot integrated, not scaled (G, B NaN)",
+    7: "implausible profile: spot width outside [spot_sd_min, half the box] pixels",
+    8: "poor fit: pooled pixel chi^2 per degree of freedom above chi2_max",
 }
 
 #: /reflections/flags bits.
@@ -30,38 +40,63 @@ FLAGS = {
     2: "too_few_valid_pixels",
     4: "panel_edge",
     8: "outlier",
-    16: "few_background_pixels",
-    32: "weak_shape",
-    64: "image_not_refined",
+    16: "pixel_outliers",
+    32: "no_shape",
+    64: "image_not_scaled",
     128: "bad_prediction",
+    256: "profile_outside_box",
+    512: "low_partiality",
+    1024: "plane_background",
 }
 
-IMAGE_FLOAT = ("G", "G_sigma", "B", "B_sigma", "R1", "R1_sigma", "detector_shift",
-               "detector_shift_sigma", "cost")
-IMAGE_INT = ("status", "n_iterations", "n_reflections")
-REFLECTION_FLOAT = ("intensity_prf", "intensity_prf_sigma", "intensity_scaled",
-                    "intensity_scaled_sigma", "partiality", "excitation_error", "d", "m2_obs",
-                    "background")
-PARAMETER_NAMES = ("G", "B", "R1", "rotation_x", "rotation_y", "rotation_z", "detector_shift")
+# (dtype, columns): 0 a vector, n a [rows, n] array, -1 the [N, k, k] covariance. Names and
+# shapes are those of the core's result arrays (cpp/bindings.cpp kResultFields).
+IMAGE_FIELDS = {
+    "G": ("f8", 0), "G_sigma": ("f8", 0), "B": ("f8", 0), "B_sigma": ("f8", 0),
+    "R1": ("f8", 0), "R1_sigma": ("f8", 0), "R1_tensor": ("f8", 3), "shape": ("f8", 5),
+    "rotation": ("f8", 3), "rotation_sigma": ("f8", 3), "detector_shift": ("f8", 0),
+    "detector_shift_sigma": ("f8", 0), "status": ("i4", 0), "n_iterations": ("i4", 0),
+    "n_outer": ("i4", 0), "cost": ("f8", 0), "n_reflections": ("i4", 0),
+    "n_integrated": ("i4", 0), "chi2_pixel": ("f8", 0), "chi2_intensity": ("f8", 0),
+    "chi2_shape": ("f8", 0), "chi2_position": ("f8", 0), "position_sigma": ("f8", 0),
+    "spot_sd": ("f8", 0), "covariance": ("f8", -1),
+    "R0_gradient": ("f8", 0), "R0_curvature": ("f8", 0), "tail_gradient": ("f8", 2),
+    "tail_curvature": ("f8", 3), "background_chi2": ("f8", 0), "background_dof": ("f8", 0),
+}
+REFLECTION_FIELDS = {
+    "intensity_prf": ("f8", 0), "intensity_prf_sigma": ("f8", 0),
+    "intensity_scaled": ("f8", 0), "intensity_scaled_sigma": ("f8", 0),
+    "intensity_model": ("f8", 0), "intensity_count_sigma": ("f8", 0),
+    "partiality": ("f8", 0), "excitation_error": ("f8", 0), "d": ("f8", 0),
+    "xyzcal": ("f8", 2), "xyzobs": ("f8", 2), "m2_obs": ("f8", 0), "background": ("f8", 0),
+    "background_plane": ("f8", 3), "centre_offset": ("f8", 2), "profile_fraction": ("f8", 0),
+    "flags": ("i4", 0),
+}
+#: The images' contributions to the global step: internal, not written to results files.
+GLOBAL_CONTRIBUTIONS = ("R0_gradient", "R0_curvature", "tail_gradient", "tail_curvature",
+                        "background_chi2", "background_dof")
 
 
 @dataclass
 class Results:
-    """Refined per-image parameters, per-crystal widths and per-reflection intensities.
+    """Refined per-image parameters, per-crystal values and per-reflection intensities.
 
     Attributes
     ----------
     images : dict of str to ndarray
-        One row per image: G, B, R1, rotation [N, 3], detector_shift, each with a ``_sigma``
-        twin, status, n_iterations, cost, n_reflections, covariance [N, k, k].
+        One row per image (``IMAGE_FIELDS``): G, B, R1 (R1_tensor [N, 3] = Σ11, Σ12, Σ22),
+        rotation [N, 3], detector_shift, each with a ``_sigma`` twin, status, iteration counts,
+        cost, n_reflections, the pooled χ² of the pixels and of each term, covariance [N, k, k].
     crystals : dict of str to ndarray
-        ``/global``: crystal_id, R0, R0_sigma (NaN: R0 was given, not refined).
+        ``/global``, one row per crystal: crystal_id, R0, R0_sigma, eta, error_scale,
+        reference_error, tail_fraction(_sigma), tail_scale(_sigma).
     reflections : dict of str to ndarray
-        One row per input reflection, same order (see ``shoebox-hdf5.md``).
+        One row per input reflection, same order (``REFLECTION_FIELDS``).
     parameter_names : list of str
         Names of the covariance's rows.
     objective, options, input_file, package_version
-        Provenance written as root attributes.
+        Provenance written as root attributes; ``options`` holds the final options, the
+        profile model chosen and the global loop's history.
     """
 
     images: dict[str, np.ndarray]
@@ -74,18 +109,20 @@ class Results:
     package_version: str = ""
 
     @classmethod
-    def allocate(cls, n_images: int, n_reflections: int, n_params: int, **meta: Any) -> "Results":
-        images = {name: np.full(n_images, np.nan) for name in IMAGE_FLOAT}
-        images.update({name: np.zeros(n_images, np.int32) for name in IMAGE_INT})
-        images["rotation"] = np.full((n_images, 3), np.nan)
-        images["rotation_sigma"] = np.full((n_images, 3), np.nan)
-        images["covariance"] = np.full((n_images, n_params, n_params), np.nan)
-        reflections = {name: np.full(n_reflections, np.nan) for name in REFLECTION_FLOAT}
-        reflections["xyzcal"] = np.full((n_reflections, 2), np.nan)
-        reflections["xyzobs"] = np.full((n_reflections, 2), np.nan)
-        reflections["flags"] = np.zeros(n_reflections, np.int32)
+    def allocate(cls, n_images: int, n_reflections: int, parameter_names: list[str],
+                 **meta: Any) -> "Results":
+        """NaN-filled (integer fields zero) arrays of every field, ready for the core."""
+        k = len(parameter_names)
+
+        def make(spec: tuple[str, int], rows: int) -> np.ndarray:
+            dtype, columns = spec
+            shape = (rows,) if columns == 0 else (rows, k, k) if columns < 0 else (rows, columns)
+            return np.zeros(shape, np.int32) if dtype == "i4" else np.full(shape, np.nan)
+
+        images = {name: make(spec, n_images) for name, spec in IMAGE_FIELDS.items()}
+        reflections = {name: make(spec, n_reflections) for name, spec in REFLECTION_FIELDS.items()}
         return cls(images=images, crystals={}, reflections=reflections,
-                   parameter_names=list(PARAMETER_NAMES[:n_params]), **meta)
+                   parameter_names=list(parameter_names), **meta)
 
     @property
     def n_images(self) -> int:
@@ -105,7 +142,10 @@ def refine_options(**options: Any) -> "_core.RefineOptions":
     for name, value in options.items():
         if name not in known:
             raise TypeError(f"unknown refinement option {name!r}; known: {sorted(known)}")
-        setattr(core, name, value)
+        try:
+            setattr(core, name, value)
+        except TypeError:
+            raise TypeError(f"refinement option {name!r}: {value!r} has the wrong type") from None
     return core
 
 
@@ -121,36 +161,99 @@ def _options_dict(core: "_core.RefineOptions") -> dict[str, Any]:
     return out
 
 
-def _r0_per_crystal(shoeboxes: ShoeboxSet, R0: float | Mapping[int, float] | np.ndarray) -> np.ndarray:
+def _per_crystal(shoeboxes: ShoeboxSet, value, name: str) -> np.ndarray | None:
+    """One value per distinct crystal_id (ascending) from a scalar, mapping or sequence."""
+    if value is None:
+        return None
     ids, _ = shoeboxes.crystal_index
-    if isinstance(R0, Mapping):
-        missing = [int(c) for c in ids if int(c) not in R0]
+    if isinstance(value, Mapping):
+        missing = [int(c) for c in ids if int(c) not in value]
         if missing:
-            raise ValueError(f"R0 has no value for crystal_id {missing[:5]}")
-        return np.array([float(R0[int(c)]) for c in ids])
-    values = np.atleast_1d(np.asarray(R0, dtype=np.float64))
+            raise ValueError(f"{name} has no value for crystal_id {missing[:5]}")
+        return np.array([float(value[int(c)]) for c in ids])
+    values = np.atleast_1d(np.asarray(value, dtype=np.float64))
     if values.size == 1:
         return np.full(len(ids), values[0])
     if values.size != len(ids):
-        raise ValueError(f"R0 has {values.size} values for {len(ids)} crystals")
+        raise ValueError(f"{name} has {values.size} values for {len(ids)} crystals")
     return values
 
 
-def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarray,
-           objective: str = "factored", n_threads: int = 1, progress: bool = False,
-           chunk_size: int | None = None, **options: Any) -> Results:
-    """Refine every image of a shoebox set.
+@dataclass
+class CrystalModel:
+    """The per-crystal values the images share (``/global``), one entry per crystal."""
+
+    crystal_id: np.ndarray
+    R0: np.ndarray
+    R0_sigma: np.ndarray
+    eta: np.ndarray
+    error_scale: np.ndarray
+    reference_error: np.ndarray
+    reference_error_sigma: np.ndarray
+    tail_fraction: np.ndarray
+    tail_fraction_sigma: np.ndarray
+    tail_scale: np.ndarray
+    tail_scale_sigma: np.ndarray
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {name: np.asarray(getattr(self, name)) for name in self.__dataclass_fields__}
+
+    def core_options(self) -> dict[str, list[float]]:
+        return {"R0": list(map(float, self.R0)), "eta": list(map(float, self.eta)),
+                "error_scale": list(map(float, self.error_scale)),
+                "reference_error": list(map(float, self.reference_error)),
+                "tail_fraction": list(map(float, self.tail_fraction)),
+                "tail_scale": list(map(float, self.tail_scale)),
+                "R0_sigma": list(map(float, np.nan_to_num(self.R0_sigma)))}
+
+
+def initial_R0(shoeboxes: ShoeboxSet) -> np.ndarray:
+    """Starting R0 per crystal from the spread of the excitation errors of the reflections the
+    pipeline chose: for points spread evenly through a shell where p > 0.1, rms(ε_r) ≈ 0.87·R0.
+    """
+    ids, index = shoeboxes.crystal_index
+    refl = shoeboxes.reflections
+    pred = _core.predict(shoeboxes.core(), refl.image_id, refl.panel, refl.miller_index,
+                         np.zeros(shoeboxes.n_images))
+    eps = pred["excitation_error"]
+    crystal = index[refl.image_id]
+    out = np.empty(len(ids))
+    for c in range(len(ids)):
+        e = eps[(crystal == c) & np.isfinite(eps)]
+        out[c] = 1.15 * np.sqrt(np.mean(e * e)) if e.size else 5e-4
+    return np.where(out > 0, out, 5e-4)
+
+
+def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarray | None = None,
+           objective: str = "factored", profile: str = "auto", eta: Any = 0.0,
+           R0_prior: tuple[float, float] | None = None, error_scale: Any = None,
+           reference_error: Any = None, max_global: int = 10, n_threads: int = 1,
+           progress: bool = False, chunk_size: int | None = None, **options: Any) -> Results:
+    """Refine every image of a shoebox set, and the per-crystal values they share.
 
     Parameters
     ----------
     shoeboxes : ShoeboxSet
         Input; validated by the core before anything is solved.
-    R0 : float, mapping or array
-        Radial (partiality) width in Å⁻¹, per crystal: one value for all, a mapping
-        crystal_id → R0, or one value per distinct crystal_id in ascending order. Given, not
-        refined (``/global/R0_sigma`` is NaN).
+    R0 : float, mapping or array, optional
+        Radial (partiality) width in Å⁻¹ per crystal (one value, a mapping crystal_id → R0,
+        or one value per distinct crystal_id in ascending order). Given: held fixed. None
+        (default): refined per crystal by the two-level fit (factored objective only).
     objective : {"factored", "pixel"}
         The factored per-reflection likelihood, or the per-pixel baseline.
+    profile : {"auto", "isotropic", "anisotropic", "tail"}
+        The spot's profile model; "auto" chooses by the data (METHODS.md §I.4): a heavy tail
+        where its fraction is significant, an anisotropic tensor where the images' anisotropy
+        is, else the isotropic Gaussian.
+    eta : float, mapping or array
+        Mosaic spread (rad) per crystal, given (default 0).
+    R0_prior : (mean, sd), optional
+        Gaussian prior on R0 (Å⁻¹) for every crystal.
+    error_scale, reference_error : float, mapping or array, optional
+        The error model's σ inflation k and the reference's relative error f per crystal;
+        given: held; None (default): estimated from the data (METHODS.md §I.10).
+    max_global : int
+        At most this many rounds of the global loop.
     n_threads : int
         Images are refined in parallel on this many threads (the GIL is released).
     progress : bool
@@ -158,8 +261,8 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
     chunk_size : int, optional
         Images per call into the core (default: 64 per thread); progress updates per chunk.
     **options
-        Any field of ``_core.RefineOptions`` (see METHODS.md), e.g. ``sigma_G``,
-        ``reference_sigma_rel``, ``refine_geometry``, ``loss``.
+        Any field of ``_core.RefineOptions`` (METHODS.md §I.13), e.g. ``sigma_G``,
+        ``refine_geometry``, ``background``, ``loss``.
 
     Returns
     -------
@@ -167,57 +270,304 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
     """
     from . import __version__
 
-    core_set = shoeboxes.core()
-    ids, _ = shoeboxes.crystal_index
-    r0 = _r0_per_crystal(shoeboxes, R0)
-    opts = refine_options(objective=objective, R0=[float(v) for v in r0], **options)
-    n_params = 7 if opts.refine_geometry else 3
-    results = Results.allocate(shoeboxes.n_images, shoeboxes.n_reflections, n_params,
-                               objective=objective, options=_options_dict(opts),
-                               input_file=shoeboxes.source, package_version=__version__)
-    results.crystals = {"crystal_id": ids, "R0": r0, "R0_sigma": np.full(len(ids), np.nan)}
-    core_results = {**results.images, **results.reflections}
-    n = shoeboxes.n_images
-    chunk = chunk_size or 64 * max(1, n_threads)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n, unit="image", desc=f"refine ({objective})")
-    try:
-        for first in range(0, n, chunk):
-            last = min(n, first + chunk)
-            _core.refine_images(core_set, opts, first, last, n_threads, core_results)
-            if bar is not None:
-                bar.update(last - first)
-    finally:
-        if bar is not None:
-            bar.close()
+    for name in ("R0", "eta", "error_scale", "reference_error", "tail_fraction", "tail_scale",
+                 "profile", "objective"):
+        if name in options:
+            raise TypeError(f"pass {name} as refine()'s own argument")
+    if profile not in ("auto", "isotropic", "anisotropic", "tail"):
+        raise ValueError(f"profile must be 'auto', 'isotropic', 'anisotropic' or 'tail', not {profile!r}")
+    if not (isinstance(max_global, int) and max_global >= 1):
+        raise ValueError("max_global must be an integer >= 1")
+    if R0_prior is not None and not (np.isfinite(R0_prior[0]) and R0_prior[1] > 0):
+        raise ValueError("R0_prior must be (finite mean, sd > 0)")
+    shoeboxes.core()
+    ids, index = shoeboxes.crystal_index
+    given_R0 = _per_crystal(shoeboxes, R0, "R0")
+    if objective == "pixel" and given_R0 is None:
+        raise ValueError("the per-pixel objective needs R0 given (the two-level R0 fit uses the "
+                         "factored objective's terms)")
+    if given_R0 is not None and not np.all(np.isfinite(given_R0) & (given_R0 >= 0)):
+        raise ValueError("R0 must be finite and >= 0")
+    n = len(ids)
+    given_k = _per_crystal(shoeboxes, error_scale, "error_scale")
+    given_f = _per_crystal(shoeboxes, reference_error, "reference_error")
+    crystals = CrystalModel(
+        crystal_id=ids, R0=given_R0 if given_R0 is not None else initial_R0(shoeboxes),
+        R0_sigma=np.full(n, np.nan), eta=_per_crystal(shoeboxes, eta, "eta"),
+        error_scale=given_k if given_k is not None else np.ones(n),
+        reference_error=given_f if given_f is not None else np.full(n, 0.1),
+        reference_error_sigma=np.full(n, np.nan),
+        tail_fraction=np.full(n, 0.05 if profile in ("auto", "tail") else 0.0),
+        tail_fraction_sigma=np.full(n, np.nan), tail_scale=np.full(n, 3.0),
+        tail_scale_sigma=np.full(n, np.nan))
+    loop = _GlobalLoop(shoeboxes, objective, options, crystals, n_threads, progress, chunk_size,
+                       refine_R0=given_R0 is None, refine_k=given_k is None,
+                       refine_f=given_f is None, R0_prior=R0_prior)
+    results = loop.run(profile, max_global)
+    results.package_version = __version__
     return results
 
 
-def evaluate_image(shoeboxes: ShoeboxSet, image: int, *, R0: float, G: float, B: float, R1: float,
-                   rotation=(0.0, 0.0, 0.0), detector_shift: float = 0.0,
-                   weights_at: dict[str, Any] | None = None, objective: str = "factored",
+class _GlobalLoop:
+    """The two-level fit: rounds of per-image refinements at the held per-crystal values, each
+    followed by the per-crystal steps from the images' summed contributions."""
+
+    def __init__(self, shoeboxes, objective, options, crystals, n_threads, progress, chunk_size,
+                 *, refine_R0, refine_k, refine_f, R0_prior):
+        self.shoeboxes = shoeboxes
+        self.objective = objective
+        self.options = dict(options)
+        self.crystals = crystals
+        self.n_threads = n_threads
+        self.progress = progress
+        self.chunk = chunk_size or 64 * max(1, n_threads)
+        self.refine_R0, self.refine_k, self.refine_f = refine_R0, refine_k, refine_f
+        self.R0_prior = R0_prior
+        _, self.image_crystal = shoeboxes.crystal_index
+        self.reflection_crystal = self.image_crystal[shoeboxes.reflections.image_id]
+        self.history: list[dict[str, Any]] = []
+
+    def core_options(self, profile: str) -> "_core.RefineOptions":
+        return refine_options(objective=self.objective, profile=profile,
+                              **self.crystals.core_options(), **self.options)
+
+    def refine_images(self, opts, results: Results, label: str) -> None:
+        n = self.shoeboxes.n_images
+        arrays = {**results.images, **results.reflections}
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n, unit="image", desc=label, leave=False)
+        try:
+            for first in range(0, n, self.chunk):
+                last = min(n, first + self.chunk)
+                _core.refine_images(self.shoeboxes.core(), opts, first, last, self.n_threads, arrays)
+                if bar is not None:
+                    bar.update(last - first)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def allocate(self, opts, previous: Results | None) -> Results:
+        """Result arrays for these options; a previous round's state is the warm start."""
+        names = list(_core.covariance_names(opts))
+        results = Results.allocate(self.shoeboxes.n_images, self.shoeboxes.n_reflections, names,
+                                   objective=self.objective, input_file=self.shoeboxes.source)
+        if previous is not None:
+            for group in ("images", "reflections"):
+                for name, value in getattr(previous, group).items():
+                    target = getattr(results, group)[name]
+                    if target.shape == value.shape:
+                        target[...] = value
+        return results
+
+    def run(self, profile: str, max_global: int) -> Results:
+        model = "tail" if profile == "auto" else profile
+        results = None
+        for round_ in range(1, max_global + 1):
+            opts = self.core_options(model)
+            results = self.allocate(opts, results)
+            self.refine_images(opts, results, f"refine ({self.objective}, round {round_})")
+            changes = self.step(results, model)
+            self.history.append({"round": round_, "profile": model, **changes})
+            chosen = self.choose_profile(results, profile, model, round_)
+            if chosen != model:
+                model = chosen
+                continue
+            if changes["settled"]:
+                break
+        self.finish(results, model)
+        return results
+
+    # --- the per-crystal steps --------------------------------------------------------
+    def step(self, results: Results, model: str) -> dict[str, Any]:
+        c = self.crystals
+        before = {"R0": c.R0.copy(), "k": c.error_scale.copy(), "f": c.reference_error.copy(),
+                  "t": c.tail_fraction.copy(), "s": c.tail_scale.copy()}
+        if self.refine_k:
+            c.error_scale = self.error_scale(results)
+        if self.refine_f:
+            c.reference_error, c.reference_error_sigma = self.reference_error(results)
+        r0_step = self.R0_step(results)
+        tail_step = self.tail_step(results) if model == "tail" else np.zeros((len(c.R0), 2))
+        settled = bool(
+            np.all(np.abs(r0_step) <= np.maximum(1e-4, 0.02 * c.R0_sigma / np.maximum(c.R0, 1e-30)))
+            and np.all(np.abs(c.error_scale - before["k"]) <= 2e-3 * before["k"])
+            and np.all(np.abs(c.reference_error - before["f"]) <= 2e-3)
+            and np.all(np.abs(tail_step[:, 0]) <= 2e-3) and np.all(np.abs(tail_step[:, 1]) <= 1e-2))
+        return {"settled": settled, "R0": before["R0"].tolist(), "error_scale": before["k"].tolist(),
+                "reference_error": before["f"].tolist(), "tail_fraction": before["t"].tolist(),
+                "tail_scale": before["s"].tolist()}
+
+    def crystal_sum(self, values: np.ndarray, per_image: bool = True) -> np.ndarray:
+        index = self.image_crystal if per_image else self.reflection_crystal
+        n = len(self.crystals.R0)
+        values = np.nan_to_num(np.asarray(values, float))
+        if values.ndim == 1:
+            return np.bincount(index, values, n)
+        return np.stack([np.bincount(index, values[:, j], n) for j in range(values.shape[1])], 1)
+
+    def error_scale(self, results: Results) -> np.ndarray:
+        """k² = pooled χ² per degree of freedom of the background-dominated pixels."""
+        chi2 = self.crystal_sum(results.images["background_chi2"])
+        dof = self.crystal_sum(results.images["background_dof"])
+        k = np.sqrt(np.where(dof > 50, chi2 / np.maximum(dof, 1e-300), 1.0))
+        return np.clip(k, 0.3, 30.0)
+
+    def reference_error(self, results: Results) -> tuple[np.ndarray, np.ndarray]:
+        """f per crystal by maximum likelihood on the intensity residuals J − J_model with
+        variance k²σ_J² + f²J_model², trimmed at outlier_sigma (re-decided as f moves)."""
+        refl = results.reflections
+        J, Jm, sc = refl["intensity_prf"], refl["intensity_model"], refl["intensity_count_sigma"]
+        trim = float(self.options.get("outlier_sigma", 6.0)) or np.inf
+        f_out = self.crystals.reference_error.copy()
+        f_sigma = np.full(len(f_out), np.nan)
+        for c in range(len(f_out)):
+            ok = (self.reflection_crystal == c) & np.isfinite(J) & np.isfinite(Jm) & np.isfinite(sc)
+            ok &= sc > 0
+            if ok.sum() < 10:
+                continue
+            e2 = (J[ok] - Jm[ok]) ** 2
+            v0 = (self.crystals.error_scale[c] * sc[ok]) ** 2
+            m2 = Jm[ok] ** 2
+            f2 = max(f_out[c], 1e-3) ** 2
+            fisher = np.nan
+            for _ in range(100):
+                s2 = v0 + f2 * m2
+                keep = e2 < trim * trim * s2
+                grad = 0.5 * np.sum((m2 * (e2 / s2 - 1.0) / s2)[keep])
+                fisher = 0.5 * np.sum((m2 * m2 / (s2 * s2))[keep])
+                new = max(f2 + grad / fisher, 0.0)
+                if abs(new - f2) <= 1e-10 + 1e-7 * f2:
+                    f2 = new
+                    break
+                f2 = new
+            f_out[c] = min(math.sqrt(f2), 2.0)
+            f_sigma[c] = 1.0 / math.sqrt(fisher) / (2 * max(f_out[c], 1e-6)) if fisher > 0 else np.nan
+        return f_out, f_sigma
+
+    def R0_step(self, results: Results) -> np.ndarray:
+        """Newton step on log R0 per crystal from the images' reduced gradients and
+        curvatures (their Schur complements), with the optional prior."""
+        c = self.crystals
+        g = self.crystal_sum(results.images["R0_gradient"])
+        H = self.crystal_sum(results.images["R0_curvature"])
+        if self.R0_prior is not None:
+            mean, sd = self.R0_prior
+            g = g + c.R0 * (c.R0 - mean) / sd**2
+            H = H + (c.R0 / sd) ** 2
+        ok = H > 0
+        c.R0_sigma = np.where(ok, c.R0 / np.sqrt(np.where(ok, H, 1.0)), np.nan)
+        if not self.refine_R0:
+            c.R0_sigma = np.full(len(c.R0), np.nan)
+            return np.zeros(len(c.R0))
+        step = np.where(ok, np.clip(-g / np.where(ok, H, 1.0), -0.7, 0.7), 0.0)
+        c.R0 = c.R0 * np.exp(step)
+        return step
+
+    def tail_step(self, results: Results) -> np.ndarray:
+        """Newton step on the tail's (t, s) per crystal, within t ∈ [0, 0.9], s ∈ [1.2, 20]."""
+        c = self.crystals
+        g = self.crystal_sum(results.images["tail_gradient"])
+        h = self.crystal_sum(results.images["tail_curvature"])
+        steps = np.zeros((len(c.R0), 2))
+        for i in range(len(c.R0)):
+            H = np.array([[h[i, 0], h[i, 1]], [h[i, 1], h[i, 2]]])
+            if not (H[0, 0] > 0):
+                continue
+            if H[1, 1] > 1e-12 * H[0, 0] and np.linalg.det(H) > 1e-12 * H[0, 0] * H[1, 1]:
+                step = -np.linalg.solve(H, g[i])
+                cov = np.linalg.inv(H)
+            else:  # s is not identified (t near 0): t alone
+                step = np.array([-g[i, 0] / H[0, 0], 0.0])
+                cov = np.array([[1.0 / H[0, 0], 0.0], [0.0, np.nan]])
+            step = np.clip(step, [-0.2, -1.5], [0.2, 1.5])
+            t_new = float(np.clip(c.tail_fraction[i] + step[0], 0.0, 0.9))
+            s_new = float(np.clip(c.tail_scale[i] + step[1], 1.2, 20.0))
+            steps[i] = [t_new - c.tail_fraction[i], s_new - c.tail_scale[i]]
+            c.tail_fraction[i], c.tail_scale[i] = t_new, s_new
+            c.tail_fraction_sigma[i] = math.sqrt(cov[0, 0])
+            c.tail_scale_sigma[i] = math.sqrt(cov[1, 1]) if np.isfinite(cov[1, 1]) else np.nan
+        return steps
+
+    def choose_profile(self, results: Results, requested: str, model: str, round_: int) -> str:
+        """'auto': after three rounds of the tail model, keep the tail where its fraction is
+        at least 3 sigma from 0 in some crystal; then keep the anisotropy where the images'
+        summed Wald statistic of (a, c) rejects isotropy (p < 1e-3), else isotropic."""
+        if requested != "auto" or model == "isotropic":
+            return model
+        if model == "tail":
+            if round_ < 3:
+                return model
+            t, sigma = self.crystals.tail_fraction, self.crystals.tail_fraction_sigma
+            if np.any(t > 3 * np.nan_to_num(sigma, nan=np.inf)):
+                return model
+            self.crystals.tail_fraction[:] = 0.0
+            model = "anisotropic"
+        return model if self.anisotropy_significant(results) else "isotropic"
+
+    def anisotropy_significant(self, results: Results) -> bool:
+        from scipy.stats import chi2
+
+        names = results.parameter_names
+        if "anisotropy_a" not in names:
+            return False
+        a, c = names.index("anisotropy_a"), names.index("anisotropy_c")
+        shape = results.images["shape"]
+        cov = results.images["covariance"]
+        total, dof = 0.0, 0
+        for i in range(results.n_images):
+            C = cov[i][np.ix_([a, c], [a, c])]
+            v = shape[i, 1:3]
+            if not (np.all(np.isfinite(C)) and np.all(np.isfinite(v))):
+                continue
+            try:
+                total += float(v @ np.linalg.solve(C, v))
+            except np.linalg.LinAlgError:
+                continue
+            dof += 2
+        return dof > 0 and chi2.sf(total, dof) < 1e-3
+
+    def finish(self, results: Results, model: str) -> None:
+        c = self.crystals
+        results.crystals = c.as_dict()
+        options = _options_dict(self.core_options(model))
+        options.update(profile_requested=self.options.get("profile", None), profile=model,
+                       refine_R0=self.refine_R0, R0_prior=self.R0_prior, global_rounds=self.history)
+        options.pop("profile_requested")
+        results.options = options
+        for name in GLOBAL_CONTRIBUTIONS:
+            results.images.pop(name, None)
+
+
+def evaluate_image(shoeboxes: ShoeboxSet, image: int, *, R0: float, G: float, B: float,
+                   R1: float, anisotropy=(0.0, 0.0), tail=(0.0, 3.0), rotation=(0.0, 0.0, 0.0),
+                   detector_shift: float = 0.0, held: dict[str, Any] | None = None,
+                   passes: int = 1, objective: str = "factored", profile: str = "anisotropic",
                    **options: Any) -> dict[str, np.ndarray]:
     """Residuals and autodiff Jacobian of one image's problem at given parameters.
 
-    Weights, sigmas, background and statistics are evaluated at ``weights_at`` (a dict with
-    any of G, B, R1, rotation, detector_shift overriding the values; default: the values
-    themselves), as at the start of a solve. Returns ``residuals``, ``jacobian`` (columns G,
-    B, R1[, rotation, shift]), ``term`` (1 intensity, 2 shape, 3 position, 4 pixel, 5 prior),
-    ``row`` (reflection row, -1 for a prior), ``intensity_prf`` (J of each reflection of
-    the image, at the weights) and ``cost`` (Ceres's ½ Σ ρ(r²), loss functions applied).
+    The per-reflection fits (J, background, centre, the shape scores, the weights) are made at
+    ``held`` (a dict overriding any of G, B, R1, anisotropy, tail, rotation, detector_shift;
+    default: the values themselves), ``passes`` times, as at the start of a solve. Returns
+    ``residuals``, ``jacobian`` (columns in covariance order), ``term`` (1 intensity, 2 shape,
+    3 position, 4 pixel, 5 prior), ``row`` (reflection row, -1 for a prior),
+    ``intensity_prf`` (J of each reflection of the image) and ``cost``.
     """
-    r0 = _r0_per_crystal(shoeboxes, R0)
-    opts = refine_options(objective=objective, R0=[float(v) for v in r0], **options)
-    values = dict(G=G, B=B, R1=R1, rotation=rotation, detector_shift=detector_shift)
-    held = {**values, **(weights_at or {})}
+    r0 = _per_crystal(shoeboxes, R0, "R0")
+    values = dict(G=G, B=B, R1=R1, anisotropy=anisotropy, tail=tail, rotation=rotation,
+                  detector_shift=detector_shift)
+    at = {**values, **(held or {})}
+    tail_values = at["tail"]
+    opts = refine_options(objective=objective, profile=profile, R0=[float(v) for v in r0],
+                          tail_fraction=[float(tail_values[0])] * len(r0),
+                          tail_scale=[float(tail_values[1])] * len(r0), **options)
 
     def flat(p: dict[str, Any]) -> list[float]:
-        return [float(p["G"]), float(p["B"]), float(p["R1"]), *map(float, p["rotation"]),
-                float(p["detector_shift"])]
+        return [float(p["G"]), float(p["B"]), float(p["R1"]), *map(float, p["anisotropy"]),
+                *map(float, p["tail"]), *map(float, p["rotation"]), float(p["detector_shift"])]
 
-    out = _core.evaluate_image(shoeboxes.core(), opts, image, flat(values), flat(held))
+    out = _core.evaluate_image(shoeboxes.core(), opts, image, flat(values), flat(at), passes)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -225,21 +575,28 @@ def model_counts(shoeboxes: ShoeboxSet, results: Results, *, n_threads: int = 1
                  ) -> tuple[np.ndarray, np.ndarray]:
     """The refinement's model of every shoebox pixel: expected counts and model variance.
 
-    mu_p = Bg + A P_p with A = G B_term p pol I_ref (the fitted J where there is no reference
-    or the image was not scaled) and v_p = max(Bg, 0) + A P_p + sigma_read^2, at the refined
-    per-image parameters of ``results`` and with its options; NaN where not integrated.
+    mu_p = bg_p + A P_p with A = G B_term p pol I_ref where the image is scaled and the
+    reflection has a reference (else the fitted J), and v_p = max(bg_p, 0) + A P_p +
+    σ_read², at the refined parameters and per-reflection state of ``results`` (its centres
+    and backgrounds) and with its options; NaN where not integrated and on masked pixels.
 
     Returns
     -------
     mu, variance : ndarray, shape (T,)
     """
-    options = {k: (float("inf") if v == "inf" else v) for k, v in results.options.items()}
-    options["R0"] = [float(v) for v in results.crystals["R0"]]
+    known = {name for name in dir(_core.RefineOptions()) if not name.startswith("_")}
+    options = {k: (float("inf") if v == "inf" else v) for k, v in results.options.items()
+               if k in known}
     opts = refine_options(**options)
-    im = results.images
-    mu, variance = _core.model_counts(
-        shoeboxes.core(), opts, np.ascontiguousarray(im["G"], np.float64),
-        np.ascontiguousarray(im["B"], np.float64), np.ascontiguousarray(im["R1"], np.float64),
-        np.ascontiguousarray(im["rotation"], np.float64),
-        np.ascontiguousarray(im["detector_shift"], np.float64), n_threads)
+    arrays = {}
+    for group, spec in ((results.images, IMAGE_FIELDS), (results.reflections, REFLECTION_FIELDS)):
+        for name, (dtype, columns) in spec.items():
+            if name in group:
+                arrays[name] = np.array(group[name], dtype=np.int32 if dtype == "i4" else np.float64,
+                                        order="C")
+            else:  # a global-step contribution not kept in results
+                rows = len(group["flags"] if "flags" in group else group["G"])
+                shape = (rows,) if columns == 0 else (rows, columns)
+                arrays[name] = np.zeros(shape, np.int32 if dtype == "i4" else np.float64)
+    mu, variance = _core.model_counts(shoeboxes.core(), opts, arrays, n_threads)
     return np.asarray(mu), np.asarray(variance)

@@ -1,0 +1,165 @@
+// The spot's profile on the tangent plane of the Ewald sphere (conventions.md "Model"): an
+// area-normalised density in the tangential offset eps (A^-1, (e1, e2) basis), a Gaussian core
+// with a 2x2 tensor Sigma and an optional heavy-tailed component of the same shape:
+//
+//   f(u) = (1 - t) sqrt(det M)/pi exp(-u'Mu) + t (beta-1)/pi sqrt(det M)/s^2 (1 + u'Mu/s^2)^-beta,
+//
+// u = eps - delta (delta: the spot's centre, a per-reflection quantity), M = Sigma_eff^-1 with
+// Sigma_eff = Sigma + 2 S + D D'/(6 n^2) (S: the covariance of the centre estimate's error
+// over the spots that the spot's own data do not explain, METHODS.md §I.6; D the
+// Jacobian d eps / d (x, y): a uniform sub-cell's own covariance D D'/(12 n^2), doubled as
+// Sigma is twice the per-axis covariance; n x n sub-pixel points per pixel; see METHODS.md),
+// Sigma = R1^2 exp(H),
+// H = [[a, c], [c, -a]], so that det(Sigma)^(1/4) = R1 and Sigma = R1^2 I when a = c = 0.
+// Both components integrate to 1 over the plane. The isotropic Gaussian of conventions.md is
+// the special case a = c = t = 0.
+#pragma once
+
+#include <cmath>
+
+#include <ceres/jet.h>
+
+#include "physics.h"
+
+namespace pixelrefine {
+
+// Exponent of the tail's power law; fixed (not refined), (1 + q/s^2)^-2 decays as r^-4.
+constexpr double kTailBeta = 2.0;
+
+// Shape parameters of one image, in the order of the refined vector phi.
+enum ShapeIndex : int { kShapeR1 = 0, kShapeA = 1, kShapeC = 2, kShapeTail = 3, kShapeTailScale = 4 };
+constexpr int kMaxShape = 5;
+
+// Which shape parameters a profile model refines: isotropic {R1}; anisotropic {R1, a, c};
+// tail {R1, a, c, t, s}.
+enum class ProfileModel : int { kIsotropic = 0, kAnisotropic = 1, kTail = 2 };
+inline int shape_count(ProfileModel model) {
+  return model == ProfileModel::kIsotropic ? 1 : model == ProfileModel::kAnisotropic ? 3 : 5;
+}
+
+// Symmetric 2x2 matrix (m11, m12, m22).
+template <typename T>
+struct Sym2 {
+  T m11, m12, m22;
+  T det() const { return m11 * m22 - m12 * m12; }
+  Sym2 inverse() const {
+    const T d = det();
+    return {m22 / d, -m12 / d, m11 / d};
+  }
+};
+
+// Sigma = R1^2 exp(H), H = [[a, c], [c, -a]]: exp(H) = cosh(l) I + sinh(l)/l H, l^2 = a^2 + c^2
+// (series below l = 1e-4, where the closed form loses precision and its Jet derivative is 0/0).
+template <typename T>
+Sym2<T> profile_tensor(const T& R1, const T& a, const T& c) {
+  using std::cosh;
+  using std::sinh;
+  using std::sqrt;
+  const T l_sq = a * a + c * c;
+  T cosh_l, sinhc_l;
+  if (l_sq < T(1e-8)) {
+    cosh_l = T(1.0) + l_sq * 0.5;
+    sinhc_l = T(1.0) + l_sq * (1.0 / 6.0);
+  } else {
+    const T l = sqrt(l_sq);
+    cosh_l = cosh(l);
+    sinhc_l = sinh(l) / l;
+  }
+  const T r_sq = R1 * R1;
+  return {r_sq * (cosh_l + sinhc_l * a), r_sq * sinhc_l * c, r_sq * (cosh_l - sinhc_l * a)};
+}
+
+// The effective tensor M = (Sigma + 2 S + pixel)^-1 of one reflection, pixel = D D'/(6 n^2).
+template <typename T>
+Sym2<T> profile_precision(const T* phi, const double S[3], const double pixel[3]) {
+  Sym2<T> sigma = profile_tensor(phi[kShapeR1], phi[kShapeA], phi[kShapeC]);
+  sigma.m11 += 2.0 * S[0] + pixel[0];
+  sigma.m12 += 2.0 * S[1] + pixel[1];
+  sigma.m22 += 2.0 * S[2] + pixel[2];
+  return sigma.inverse();
+}
+
+// f(u) for one offset u = eps - delta (per A^-2), templated for autodiff.
+template <typename T, typename U>
+T profile_density(const U& u1, const U& u2, const Sym2<T>& M, const T& tail, const T& tail_scale) {
+  using std::exp;
+  using std::sqrt;
+  const T q = M.m11 * u1 * u1 + 2.0 * M.m12 * u1 * u2 + M.m22 * u2 * u2;
+  const T root_det = sqrt(M.det());
+  const T core = root_det * (1.0 / kPi) * exp(-q);
+  const T s_sq = tail_scale * tail_scale;
+  const T base = T(1.0) + q / s_sq;
+  const T tail_density = root_det * ((kTailBeta - 1.0) / kPi) / (s_sq * base * base);
+  return (T(1.0) - tail) * core + tail * tail_density;
+}
+
+// The profile averaged over one pixel: the mean of f over n x n sub-pixel points at offsets
+// o = ((i + 1/2)/n - 1/2) pixels, u + D o (D = d eps / d (x, y), eps linear within a pixel);
+// each sub-cell's own width D D'/(6 n^2) is in M (profile_precision's `pixel`). Templated for
+// autodiff (the per-pixel objective); the pass uses the hand-written derivatives below.
+inline double subpixel_offset(int i, int n) { return (i + 0.5) / n - 0.5; }
+
+template <typename T, typename U>
+T pixel_density(const U& u1, const U& u2, const double D[4], int n, const Sym2<T>& M,
+                const T& tail, const T& tail_scale) {
+  T sum(0.0);
+  for (int j = 0; j < n; ++j) {
+    for (int i = 0; i < n; ++i) {
+      const double ox = subpixel_offset(i, n), oy = subpixel_offset(j, n);
+      sum += profile_density(u1 + (D[0] * ox + D[1] * oy), u2 + (D[2] * ox + D[3] * oy), M, tail,
+                             tail_scale);
+    }
+  }
+  return sum * (1.0 / (n * n));
+}
+
+// Sub-pixel points per axis for a spot of per-axis sd `sd_px` pixels: the Gaussian smoothing of
+// each sub-cell (matched second moment) leaves an error in R1 below 1e-4 (METHODS.md §I.4).
+inline int subpixels_for(double sd_px) {
+  if (!(sd_px > 0.0)) return 2;
+  return sd_px >= 1.5 ? 1 : sd_px >= 0.8 ? 2 : sd_px >= 0.5 ? 3 : 4;
+}
+
+// f and its partial derivatives in (m11, m12, m22), t, s and the centre (delta1, delta2), by hand
+// (the pixel loop's hot path; checked against Jet autodiff of profile_density in the tests).
+struct ProfileDerivatives {
+  double value;
+  double d_m[3];      // d f / d (m11, m12, m22)
+  double d_tail, d_tail_scale;
+  double d_delta[2];  // d f / d delta = - d f / d u
+};
+
+inline ProfileDerivatives profile_with_derivatives(double u1, double u2, const Sym2<double>& M,
+                                                   double det, double root_det, double tail,
+                                                   double tail_scale, bool with_tail) {
+  ProfileDerivatives out;
+  const double Mu1 = M.m11 * u1 + M.m12 * u2, Mu2 = M.m12 * u1 + M.m22 * u2;
+  const double q = u1 * Mu1 + u2 * Mu2;
+  // d log sqrt(det M) / d (m11, m12, m22) and d q / d (m11, m12, m22).
+  const double dlogdet[3] = {0.5 * M.m22 / det, -M.m12 / det, 0.5 * M.m11 / det};
+  const double dq[3] = {u1 * u1, 2.0 * u1 * u2, u2 * u2};
+  const double core = root_det * (1.0 / kPi) * std::exp(-q);
+  const double w_core = (1.0 - tail) * core;
+  double w_tail = 0.0, tail_factor = 0.0, tail_density = 0.0;
+  if (with_tail) {
+    const double s_sq = tail_scale * tail_scale;
+    const double base = 1.0 + q / s_sq;
+    tail_density = root_det * ((kTailBeta - 1.0) / kPi) / (s_sq * base * base);
+    w_tail = tail * tail_density;
+    tail_factor = kTailBeta / (s_sq + q);  // - d log(tail) / d q
+    out.d_tail_scale = w_tail * (-2.0 / tail_scale + 2.0 * kTailBeta * q / (tail_scale * (s_sq + q)));
+  } else {
+    out.d_tail_scale = 0.0;
+  }
+  out.value = w_core + w_tail;
+  out.d_tail = tail_density - core;
+  for (int i = 0; i < 3; ++i)
+    out.d_m[i] = out.value * dlogdet[i] - (w_core + w_tail * tail_factor) * dq[i];
+  // d q / d delta = -2 M u.
+  const double dq_scale = 2.0 * (w_core + w_tail * tail_factor);
+  out.d_delta[0] = dq_scale * Mu1;
+  out.d_delta[1] = dq_scale * Mu2;
+  return out;
+}
+
+}  // namespace pixelrefine

@@ -126,7 +126,8 @@ const ResultField kResultFields[] = {
     D_FIELD(partiality, false, 0), D_FIELD(excitation_error, false, 0), D_FIELD(d, false, 0),
     D_FIELD(xyzcal, false, 2), D_FIELD(xyzobs, false, 2), D_FIELD(m2_obs, false, 0),
     D_FIELD(background, false, 0), D_FIELD(background_plane, false, 3),
-    D_FIELD(centre_offset, false, 2), D_FIELD(profile_fraction, false, 0), I_FIELD(flags, false),
+    D_FIELD(centre_offset, false, 2), D_FIELD(profile_fraction, false, 0), D_FIELD(chi2_pixel_reflection, false, 0),
+    I_FIELD(flags, false),
 };
 #undef D_FIELD
 #undef I_FIELD

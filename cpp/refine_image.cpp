@@ -1,6 +1,8 @@
 #include "refine_image.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -749,8 +751,15 @@ void ImageRefinement::run() {
       reversal += step[c] * previous_step[c];
       settled = settled && std::abs(step[c]) <= options_.outer_tolerance;
     }
-    // The spots' centres settle too (their last Newton steps, in posterior sds).
-    settled = settled && work_.centre_step <= 3.0 * options_.outer_tolerance;
+    // The spots' centres settle too: at most 1 % still moving by more than their sd.
+    settled = settled && work_.centre_moving <= 0.01;
+    if (std::getenv("PIXELREFINE_DEBUG")) {
+      int n_out = 0;
+      for (uint8_t u : work_.used) n_out += !u;
+      std::fprintf(stderr, "image %ld outer %d steps", long(image_), outer);
+      for (int c = 0; c < k_; ++c) std::fprintf(stderr, " %.3f", step[c]);
+      std::fprintf(stderr, " centre %.3f outliers %d usable %d\n", work_.centre_moving, n_out, int(previous_use.size()));
+    }
     ImageParameters damped = next;
     if (!settled && reversal < 0.0) {  // a two-state alternation: take half the step
       damped.G = 0.5 * (held_.G + next.G);
@@ -902,6 +911,8 @@ void ImageRefinement::write_reflections() const {
     out_.centre_offset[2 * r] = integrated ? rf.delta[0] : kNaN;
     out_.centre_offset[2 * r + 1] = integrated ? rf.delta[1] : kNaN;
     out_.profile_fraction[r] = rf.pixel_end > rf.pixel_begin ? st.profile_fraction : kNaN;
+    const int dof = st.n_used - st.n_parameters;
+    out_.chi2_pixel_reflection[r] = integrated && dof > 0 ? st.chi2 / (k * k * dof) : kNaN;
     const bool reference = !(rf.flags & kNoReference);
     out_.intensity_model[r] = scaled && reference ? model_intensity(rf, held_) : kNaN;
     // intensity_scaled = J / (G B_term p pol), with the counting sigma and G, B's covariance.
@@ -1124,7 +1135,7 @@ void model_counts(const ShoeboxSetView& set, int64_t image, const RefineOptions&
   const bool scaled = std::isfinite(results.G[image]) && std::isfinite(results.B[image]);
   if (!scaled) at.G = 1.0;
   if (!std::isfinite(at.phi[kShapeR1])) return;
-  refinement.prepare_at(at, 1);
+  refinement.prepare_at(at, 4);  // a few passes: the outlier pixels and centres settle
   const ImageWork& work = refinement.work();
   for (const ReflectionFit& rf : work.reflections) {
     const int32_t* b = rf.bbox;

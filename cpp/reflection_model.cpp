@@ -322,6 +322,18 @@ struct BoxGrid {
     for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
       index[size_t(int(w.y[i] - 0.5) - rf.bbox[2]) * width + (int(w.x[i] - 0.5) - rf.bbox[0])] = i;
   }
+  // Calls f(k) for every valid 4-neighbour k of pixel i.
+  template <typename F>
+  void for_each_neighbour(const ImageWork& w, const ReflectionFit& rf, int64_t i, F&& f) const {
+    const int x = int(w.x[i] - 0.5) - rf.bbox[0], y = int(w.y[i] - 0.5) - rf.bbox[2];
+    const int dx[4] = {1, -1, 0, 0}, dy[4] = {0, 0, 1, -1};
+    for (int k = 0; k < 4; ++k) {
+      const int u = x + dx[k], v = y + dy[k];
+      if (u < 0 || v < 0 || u >= width || v >= height) continue;
+      const int64_t n = index[size_t(v) * width + u];
+      if (n >= 0) f(n);
+    }
+  }
   // Largest value of `z` over the valid 4-neighbours of pixel i (-inf without any).
   double neighbour_max(const ImageWork& w, const ReflectionFit& rf, const std::vector<double>& z,
                        int64_t i) const {
@@ -339,8 +351,8 @@ struct BoxGrid {
 };
 
 // Pixels far above the model that the model cannot be: outside the spot's region any pixel
-// more than `threshold` sd above (a neighbour's spot, a zinger), with its touching pixels above
-// 2.5 sd (the neighbour's wings); inside the region an isolated spike (more than `threshold` sd
+// more than `threshold` sd above (a neighbour's spot, a zinger), with the group of pixels above
+// 2.5 sd it belongs to (the neighbour's wings); inside the region an isolated spike (more than `threshold` sd
 // and more than threshold/2 above every 4-neighbour: a zinger; a spot the model misplaces or
 // mis-sizes is never isolated). A pixel stays out while it is more than threshold/2 sd above
 // (hysteresis, so that the decisions settle). Returns whether any pixel is out.
@@ -365,14 +377,35 @@ bool mark_outlier_pixels(ImageWork& w, const ReflectionFit& rf, const std::vecto
                 z[j] > 0.5 * threshold + grid.neighbour_max(w, rf, z, i);
     out[j] = outlier;
   }
-  thread_local std::vector<double> flagged;
-  flagged.assign(n, 0.0);
-  for (int64_t j = 0; j < n; ++j) flagged[j] = out[j] ? 1.0 : 0.0;
-  for (int64_t j = 0; j < n; ++j) {  // the wings of what is out, outside the spot's region
-    const int64_t i = rf.pixel_begin + j;
-    const double dx = w.x[i] - region.x, dy = w.y[i] - region.y;
-    if (out[j] || z[j] <= 2.5 || dx * dx + dy * dy <= region.radius_sq) continue;
-    if (grid.neighbour_max(w, rf, flagged, i) > 0.5) out[j] = 2;
+  // A foreign spot too faint for any one pixel: a 4-connected group of pixels more than 2.5
+  // sd above, outside the spot's region, whose summed chi^2 exceeds threshold^2, or that
+  // touches a pixel already out.
+  thread_local std::vector<int> component;
+  component.assign(n, -1);
+  thread_local std::vector<int64_t> members;
+  for (int64_t start = 0; start < n; ++start) {
+    if (component[start] >= 0 || z[start] <= 2.5) continue;
+    const int64_t i0 = rf.pixel_begin + start;
+    const double dx0 = w.x[i0] - region.x, dy0 = w.y[i0] - region.y;
+    if (dx0 * dx0 + dy0 * dy0 <= region.radius_sq) continue;
+    members.assign(1, start);
+    component[start] = int(start);
+    double chi2 = 0.0;
+    bool touches = false;
+    for (size_t m = 0; m < members.size(); ++m) {
+      const int64_t j = members[m];
+      chi2 += z[j] * z[j];
+      touches = touches || out[j];
+      grid.for_each_neighbour(w, rf, rf.pixel_begin + j, [&](int64_t k) {
+        const int64_t jk = k - rf.pixel_begin;
+        const double dx = w.x[k] - region.x, dy = w.y[k] - region.y;
+        if (component[jk] >= 0 || z[jk] <= 2.5 || dx * dx + dy * dy <= region.radius_sq) return;
+        component[jk] = int(start);
+        members.push_back(jk);
+      });
+    }
+    if (touches || (members.size() >= 2 && chi2 > threshold * threshold))
+      for (int64_t j : members) out[j] = 1;
   }
   for (int64_t j = 0; j < n; ++j) {
     w.used[rf.pixel_begin + j] = !out[j];
@@ -539,10 +572,11 @@ void mark_raw_spikes(ImageWork& w, const ReflectionFit& rf, double background) {
 }
 
 // Where a clearly visible spot is: the centroid of the counts more than 2 sd above the box's
-// border median, when their sum is more than 5 sd (a Newton step from the prediction does not
-// reach a spot that lies several of its widths away, and a fit of J there finds ~0). Returns
-// false when the box shows no such spot.
+// border median, when their sum is more than 5 sd and it lies within 3 sigma_pos + 1.5 px of
+// c_pred (a Newton step from the prediction does not reach a spot that lies several of its
+// widths away, and a fit of J there finds ~0). Returns false when the box shows no such spot.
 bool locate_spot(const ImageWork& w, ReflectionFit& rf) {
+  const double reach = 3.0 * w.position_sigma_px + 1.5;  // how far from c_pred a spot may lie
   std::vector<double> border;
   const double x0 = rf.bbox[0], x1 = rf.bbox[1], y0 = rf.bbox[2], y1 = rf.bbox[3];
   for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
@@ -564,8 +598,9 @@ bool locate_spot(const ImageWork& w, ReflectionFit& rf) {
   if (!(sum > 5.0 * std::sqrt(variance))) return false;
   const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
                                rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
-  const Eigen::Vector2d delta = jac * Eigen::Vector2d(sx / sum - rf.pred.x, sy / sum - rf.pred.y);
-  if (!delta.allFinite()) return false;
+  const Eigen::Vector2d offset(sx / sum - rf.pred.x, sy / sum - rf.pred.y);
+  if (!offset.allFinite() || offset.norm() > reach) return false;
+  const Eigen::Vector2d delta = jac * offset;
   rf.delta[0] = delta(0);
   rf.delta[1] = delta(1);
   return true;
@@ -736,6 +771,54 @@ void initialise_reflections(ImageWork& work, const RefineOptions& options) {
   (void)options;
 }
 
+// Background-subtracted second moments (m11, m12, m22, A^-2) of one clearly visible spot, in
+// a window about its centroid, first 2.5 px about the brightest pixel, then three times 3 sd
+// (so that a neighbour's spot further away does not count). False for a spot not clearly
+// visible.
+namespace {
+bool spot_moments(const ImageWork& w, const ReflectionFit& rf, double bg, double m[3]) {
+  double e1 = 0.0, e2 = 0.0, S = 0.0, noise = 0.0;
+  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
+    if (!w.used[i]) continue;
+    const double s = w.counts[i] - bg;
+    S += s;
+    noise += std::max(w.counts[i], 1.0) + w.read_noise_sq[i];
+    e1 += s * w.eps1[i];
+    e2 += s * w.eps2[i];
+  }
+  if (!(S > 5.0 * std::sqrt(noise))) return false;
+  // Start at the brightest pixel, in a window of 2.5 px.
+  int64_t peak = -1;
+  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
+    if (w.used[i] && (peak < 0 || w.counts[i] > w.counts[peak])) peak = i;
+  e1 = w.eps1[peak];
+  e2 = w.eps2[peak];
+  double radius_sq = 6.25 * rf.a_mean;
+  for (int round = 0; round < 4; ++round) {
+    double a = 0.0, b = 0.0, c = 0.0, sum = 0.0, c1 = 0.0, c2 = 0.0;
+    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
+      const double u1 = w.eps1[i] - e1, u2 = w.eps2[i] - e2;
+      if (!w.used[i] || u1 * u1 + u2 * u2 > radius_sq) continue;
+      const double s = w.counts[i] - bg;
+      sum += s;
+      a += s * u1 * u1;
+      b += s * u1 * u2;
+      c += s * u2 * u2;
+      c1 += s * w.eps1[i];
+      c2 += s * w.eps2[i];
+    }
+    if (!(sum > 0.0) || !(a > 0.0) || !(c > 0.0)) return false;
+    m[0] = a / sum;
+    m[1] = b / sum;
+    m[2] = c / sum;
+    e1 = c1 / sum;
+    e2 = c2 / sum;
+    radius_sq = 9.0 * (m[0] + m[2]);  // 3 sd of the two axes together
+  }
+  return true;
+}
+}  // namespace
+
 void initial_shape(const ImageWork& work, double phi[kMaxShape]) {
   std::vector<double> m11, m12, m22;
   double area_fallback = kNaN;
@@ -743,29 +826,14 @@ void initial_shape(const ImageWork& work, double phi[kMaxShape]) {
     if (rf.pixel_end == rf.pixel_begin || (rf.flags & kBadPrediction)) continue;
     if (std::isnan(area_fallback)) area_fallback = rf.a_mean;
     const double bg = std::isfinite(rf.stats.background[0]) ? rf.stats.background[0] : rf.file_background;
-    double S = 0.0, noise = 0.0, e1 = 0.0, e2 = 0.0;
-    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-      const double s = work.counts[i] - bg;
-      S += s;
-      noise += std::max(work.counts[i], 1.0) + work.read_noise_sq[i];
-      e1 += s * work.eps1[i];
-      e2 += s * work.eps2[i];
-    }
-    if (!(S > 5.0 * std::sqrt(noise))) continue;
-    e1 /= S;
-    e2 /= S;
-    double a = 0.0, b = 0.0, c = 0.0;
-    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-      const double s = work.counts[i] - bg, u1 = work.eps1[i] - e1, u2 = work.eps2[i] - e2;
-      a += s * u1 * u1;
-      b += s * u1 * u2;
-      c += s * u2 * u2;
-    }
-    // Second moment = (Sigma + D D'/6)/2 (a whole pixel's width): Sigma = 2 m - D D'/6.
+    double m[3];
+    if (!spot_moments(work, rf, bg, m)) continue;
+    // Second moment = (Sigma + D D'/6)/2 (a whole pixel's width): Sigma = 2 m - D D'/6. The
+    // window truncates the Gaussian at 3 sd, which lowers its variance by 3 %: a start only.
     const double* D = rf.pixel_jacobian;
-    m11.push_back(2.0 * a / S - (D[0] * D[0] + D[1] * D[1]) / 6.0);
-    m12.push_back(2.0 * b / S - (D[0] * D[2] + D[1] * D[3]) / 6.0);
-    m22.push_back(2.0 * c / S - (D[2] * D[2] + D[3] * D[3]) / 6.0);
+    m11.push_back(2.0 * m[0] - (D[0] * D[0] + D[1] * D[1]) / 6.0);
+    m12.push_back(2.0 * m[1] - (D[0] * D[2] + D[1] * D[3]) / 6.0);
+    m22.push_back(2.0 * m[2] - (D[2] * D[2] + D[3] * D[3]) / 6.0);
   }
   auto median = [](std::vector<double>& v) {
     std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
@@ -811,22 +879,25 @@ void fit_reflections(ImageWork& work, const ImageParameters& params, const Refin
   }
   work.position_sigma_px = positional_scatter(work, work.position_sigma_px);
   work.spot_sd_px = narrow_sd_px(work, params.phi);
-  work.centre_step = 0.0;
+  int moving = 0, located = 0;
   for (ReflectionFit& rf : work.reflections) {
     if (!rf.integrated()) continue;
     // A spot the fit misses (J within 2 sd of 0) though the box clearly shows one: start its
     // centre again from where the counts are.
     const ReflectionStatistics& st = rf.stats;
-    if (!(st.J > 2.0 * std::sqrt(st.J_variance)) && locate_spot(work, rf)) {
-      work.centre_step = kInf;
+    if (!rf.relocated && !(st.J > 2.0 * std::sqrt(st.J_variance)) && locate_spot(work, rf)) {
+      rf.relocated = true;
+      ++moving;
+      ++located;
       continue;
     }
-    work.centre_step = std::max(work.centre_step,
-                                update_centre(rf, work.position_sigma_px, params.error_scale));
+    moving += update_centre(rf, work.position_sigma_px, params.error_scale) > 1.0;
+    ++located;
     const bool reference = scale_known && !(rf.flags & kNoReference);
     rf.amplitude_expected = std::max(reference ? model_intensity(rf, params) : rf.stats.J, 0.0);
     if (!std::isfinite(rf.amplitude_expected)) rf.amplitude_expected = std::max(rf.stats.J, 0.0);
   }
+  work.centre_moving = located ? double(moving) / located : 0.0;
 }
 
 double reflection_profile(const ImageWork& work, const ReflectionFit& rf, const double* phi,

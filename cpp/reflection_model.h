@@ -158,6 +158,7 @@ struct ReflectionFit {
   double centre_px[2] = {kNaN, kNaN};
   double centre_cov[3] = {kNaN, kNaN, kNaN};
   double centre_sd_px = kInf;  // sd of the held centre (largest axis of S, pixels)
+  bool relocated = false;      // the centre was started again from the counts once
   // Term 1, held within a solve.
   double sigma_intensity = kNaN;  // sqrt(k^2 var J + (f J_model)^2)
   double intensity_residual = 0.0;
@@ -186,7 +187,7 @@ struct ImageWork {
   std::vector<uint8_t> used;         // 0: left out as an outlier pixel in the last pass
   double position_sigma_px = 0.5;    // rms offset of spots from prediction (pixels), held
   int subpixels = 1;                 // n: the profile is averaged over n x n points per pixel
-  double centre_step = 0.0;          // largest centre step of the last pass (posterior sds)
+  double centre_moving = 0.0;        // fraction of centres that moved > 1 posterior sd last pass
   double spot_sd_px = kNaN;          // the core's sd along its narrow axis (pixels), held
 };
 

@@ -108,6 +108,7 @@ struct ResultsView {
   double* background_plane = nullptr;  // [M, 3] b, db/dx, db/dy (photons, per pixel)
   double* centre_offset = nullptr;     // [M, 2] delta (A^-1, e1/e2 basis)
   double* profile_fraction = nullptr;
+  double* chi2_pixel_reflection = nullptr;  // the reflection's pixel chi^2 per degree of freedom
   int32_t* flags = nullptr;
 };
 

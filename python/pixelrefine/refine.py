@@ -70,7 +70,7 @@ REFLECTION_FIELDS = {
     "partiality": ("f8", 0), "excitation_error": ("f8", 0), "d": ("f8", 0),
     "xyzcal": ("f8", 2), "xyzobs": ("f8", 2), "m2_obs": ("f8", 0), "background": ("f8", 0),
     "background_plane": ("f8", 3), "centre_offset": ("f8", 2), "profile_fraction": ("f8", 0),
-    "flags": ("i4", 0),
+    "chi2_pixel_reflection": ("f8", 0), "flags": ("i4", 0),
 }
 #: The images' contributions to the global step: internal, not written to results files.
 GLOBAL_CONTRIBUTIONS = ("R0_gradient", "R0_curvature", "tail_gradient", "tail_curvature",

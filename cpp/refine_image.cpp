@@ -192,7 +192,8 @@ class ImageRefinement {
   void build_problem(std::vector<ResidualLabel>* labels = nullptr);
   bool solve(ImageParameters& result);
   Matrix information_at_solution(Matrix* term1_jacobian, std::vector<double>* term1_residuals);
-  void compute_covariance();
+  void compute_covariance(bool final = false);
+  void correct_reference_bias(const Matrix& H, const Matrix& term1_jacobian);
   void regeometrize(const ImageParameters& at);
   double initial_G() const;
   void diagnostics();
@@ -211,7 +212,7 @@ class ImageRefinement {
   ImageWork work_;
   ImageParameters held_;
   bool has_reference_ = false, scale_fit_ = false;
-  bool solver_failed_ = false, converged_ = false;
+  bool solver_failed_ = false, converged_ = false, not_refined_ = false;
   int iterations_ = 0, n_outer_ = 0, status_ = kNotConverged;
   double cost_ = kNaN;
   double chi2_pixel_ = kNaN, chi2_intensity_ = kNaN, chi2_shape_ = kNaN, chi2_position_ = kNaN;
@@ -285,20 +286,29 @@ void ImageRefinement::update_terms(const ImageParameters& at) {
     ReflectionFit& rf = work_.reflections[r];
     rf.use_intensity = rf.use_shape = rf.use_position = false;
     rf.intensity_residual = 0.0;
-    rf.flags &= ~kOutlier;
-    if (!rf.integrated() || !std::isfinite(rf.stats.J)) continue;
+    if (!rf.integrated() || !std::isfinite(rf.stats.J)) {
+      rf.flags &= ~kOutlier;
+      continue;
+    }
     // Term 2 from spots whose centre is known to a fraction of their width: the profile of a
     // spot centred on its own noise looks narrower than it is (METHODS.md §I.8).
     rf.use_shape = rf.stats.shape_ok && rf.centre_sd_px <= 0.3 * work_.spot_sd_px;
     if (geometry_ && std::isfinite(rf.centre_px[0]))
       rf.use_position = position_whitening(rf, k, work_.position_sigma_px, whitening_[r].data());
-    if (!has_reference_ || (rf.flags & kNoReference)) continue;
+    if (!has_reference_ || (rf.flags & kNoReference)) {
+      rf.flags &= ~kOutlier;
+      continue;
+    }
     const double j_model = model_intensity(rf, at);
     rf.sigma_intensity = std::sqrt(k * k * rf.stats.J_variance + f * f * j_model * j_model);
     if (!(rf.sigma_intensity > 0.0) || !std::isfinite(rf.sigma_intensity) || !std::isfinite(j_model))
       continue;
     rf.intensity_residual = (rf.stats.J - j_model) / rf.sigma_intensity;
-    if (options_.outlier_sigma > 0.0 && std::abs(rf.intensity_residual) > options_.outlier_sigma) {
+    // Re-decided every pass, with hysteresis (out above outlier_sigma, back in below 0.8 of
+    // it) so that the decisions settle.
+    const double limit = (rf.flags & kOutlier ? 0.8 : 1.0) * options_.outlier_sigma;
+    rf.flags &= ~kOutlier;
+    if (options_.outlier_sigma > 0.0 && std::abs(rf.intensity_residual) > limit) {
       rf.flags |= kOutlier;
       continue;
     }
@@ -577,7 +587,7 @@ Matrix ImageRefinement::information_at_solution(Matrix* term1_jacobian, std::vec
   return H;
 }
 
-void ImageRefinement::compute_covariance() {
+void ImageRefinement::compute_covariance(bool final) {
   std::vector<bool> free(k_, true);
   if (!scale_fit_) free[0] = free[1] = false;
   Matrix term1_jacobian;
@@ -608,6 +618,9 @@ void ImageRefinement::compute_covariance() {
   const Matrix D = -Htt.ldlt().solve(Jt.transpose() * Js);
   const Matrix Css = covariance_.block(2, 2, n_shape_, n_shape_);
   const Matrix add = D * Css * D.transpose(), cross = D * Css;
+  if (std::getenv("PIXELREFINE_DEBUG"))
+    std::fprintf(stderr, "image %ld var_G %.3e propagated %.3e D %.3e C_R1 %.3e\n", long(image_),
+                 covariance_(0, 0), add(0, 0), D(0, 0), Css(0, 0));
   for (int a = 0; a < nt; ++a) {
     for (int b = 0; b < nt; ++b) covariance_(scale_idx[a], scale_idx[b]) += add(a, b);
     for (int s = 0; s < n_shape_; ++s) {
@@ -616,6 +629,42 @@ void ImageRefinement::compute_covariance() {
     }
   }
   global_contributions(term1_jacobian, r1);
+  if (final) correct_reference_bias(H, term1_jacobian);
+}
+
+// The scale's second-order bias from the reference's own error, removed. With a classical
+// multiplicative error (I_ref = I_true (1 + e), E e = 0, E e^2 = f^2) the estimating equation
+// sum dJm/dtheta (J - Jm)/s^2 = 0 has expectation sum Jm dJm/dtheta f^2 (2 q - 1)/s^2 at the
+// true theta, q = f^2 Jm^2 / s^2 the reference's share of the variance: a ratio estimate
+// (q = 1) is biased by +f^2, a regression on a noisy regressor (q = 0) by -f^2. The bias
+// H^-1 sum ... is subtracted from G, B (and the rotation) (METHODS.md §I.10).
+void ImageRefinement::correct_reference_bias(const Matrix& H, const Matrix& term1_jacobian) {
+  const double f = held_.reference_error;
+  if (!(f > 0.0) || !options_.reference_bias_correction || !scale_fit_) return;
+  // On a bound the estimate is not the root of the estimating equation: nothing to correct.
+  if (held_.B <= options_.B_min + 1e-9 || held_.B >= options_.B_max - 1e-9) return;
+  std::vector<int> idx = {0, 1};
+  if (geometry_)
+    for (int a = 2 + n_shape_; a < 5 + n_shape_; ++a) idx.push_back(a);
+  const int n = int(idx.size());
+  Vector expectation = Vector::Zero(n);
+  for (size_t t = 0; t < term1_rows_.size(); ++t) {
+    const ReflectionFit& rf = *term1_rows_[t];
+    if (!rf.use_intensity) continue;
+    const double j_model = model_intensity(rf, held_), s = rf.sigma_intensity;
+    const double q = f * f * j_model * j_model / (s * s);
+    // dJm/dtheta = -s * (d r1 / d theta).
+    for (int a = 0; a < n; ++a)
+      expectation(a) += -term1_jacobian(t, idx[a]) * j_model * f * f * (2.0 * q - 1.0) / s;
+  }
+  Matrix Hs(n, n);
+  for (int a = 0; a < n; ++a)
+    for (int b = 0; b < n; ++b) Hs(a, b) = H(idx[a], idx[b]);
+  const Vector bias = Hs.ldlt().solve(expectation);
+  if (!bias.allFinite()) return;
+  held_.G = std::max(held_.G - bias(0), 0.5 * held_.G);
+  held_.B = std::clamp(held_.B - bias(1), options_.B_min + 1e-6, options_.B_max - 1e-6);
+  for (int a = 2; a < n; ++a) held_.rotation[a - 2] -= bias(a);
 }
 
 // Per-image contributions to the per-crystal global step: the gradient and curvature of the
@@ -715,6 +764,14 @@ void ImageRefinement::global_contributions(const Matrix& term1_jacobian,
 // moves by less than outer_tolerance sigma; steps that reverse the previous one are halved.
 void ImageRefinement::run() {
   start();
+  int n_integrated = 0;
+  for (const ReflectionFit& rf : work_.reflections) n_integrated += rf.integrated() && std::isfinite(rf.stats.J);
+  if (n_integrated < options_.min_reflections) {  // nothing to refine an image with
+    not_refined_ = true;
+    diagnostics();
+    status_ = kTooFewReflections;
+    return;
+  }
   build_problem();
   std::vector<double> previous_step(k_, 0.0);
   int outlier_changes = 0;
@@ -773,7 +830,7 @@ void ImageRefinement::run() {
     held_ = damped;
     converged_ = settled;
   }
-  if (!solver_failed_) compute_covariance();
+  if (!solver_failed_) compute_covariance(/*final=*/true);
   diagnostics();
   status_ = decide_status(converged_);
 }
@@ -841,7 +898,7 @@ void ImageRefinement::write() const {
 
 void ImageRefinement::write_image() const {
   const int64_t i = image_;
-  const bool refined = !solver_failed_;
+  const bool refined = !solver_failed_ && !not_refined_;
   const bool scaled = refined && scale_fit_;
   out_.status[i] = status_;
   out_.n_iterations[i] = iterations_;
@@ -880,7 +937,7 @@ void ImageRefinement::write_image() const {
 }
 
 void ImageRefinement::write_reflections() const {
-  const bool scaled = !solver_failed_ && scale_fit_;
+  const bool scaled = !solver_failed_ && !not_refined_ && scale_fit_;
   const double k = held_.error_scale;
   const double var_G = scaled && covariance_ok_ ? covariance_(0, 0) : 0.0;
   const double var_B = scaled && covariance_ok_ ? covariance_(1, 1) : 0.0;

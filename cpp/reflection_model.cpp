@@ -505,7 +505,7 @@ double positional_scatter(const ImageWork& w, double fallback) {
 // After a pass: the centre's ML estimate (Term 3) and its MAP update with the positional prior
 // (the held centre and its covariance S for the next pass).
 // Returns the step's size in units of the posterior's sd (Mahalanobis norm).
-double update_centre(ReflectionFit& rf, double position_sigma_px, double error_scale) {
+double update_centre(ReflectionFit& rf, double position_sigma_px, double error_scale, bool move) {
   const ReflectionStatistics& st = rf.stats;
   rf.centre_px[0] = rf.centre_px[1] = kNaN;
   rf.centre_cov[0] = rf.centre_cov[1] = rf.centre_cov[2] = kNaN;
@@ -530,6 +530,10 @@ double update_centre(ReflectionFit& rf, double position_sigma_px, double error_s
       rf.centre_px[1] = rf.pred.y + px(1);
       store_sym(cov, rf.centre_cov);
     }
+  }
+  if (!move) {  // centres held at the prediction: the ML estimate only (Term 3)
+    rf.centre_sd_px = 0.0;
+    return 0.0;
   }
   const Eigen::Matrix2d posterior = (information + omega).inverse();
   const Eigen::Matrix2d jac_inverse = jac.inverse();
@@ -765,7 +769,8 @@ void initialise_reflections(ImageWork& work, const RefineOptions& options) {
     }
     rf.stats.background[0] = rf.n_background_parameters > 0 ? bg : kNaN;
     mark_raw_spikes(work, rf, bg);
-    locate_spot(work, rf);
+    if (options.fit_centres) locate_spot(work, rf);
+    else rf.S[0] = rf.S[1] = rf.S[2] = 0.0;
     rf.amplitude_expected = std::max(sum - bg * double(rf.pixel_end - rf.pixel_begin), 0.0);
   }
   (void)options;
@@ -885,17 +890,20 @@ void fit_reflections(ImageWork& work, const ImageParameters& params, const Refin
     // A spot the fit misses (J within 2 sd of 0) though the box clearly shows one: start its
     // centre again from where the counts are.
     const ReflectionStatistics& st = rf.stats;
-    if (!rf.relocated && !(st.J > 2.0 * std::sqrt(st.J_variance)) && locate_spot(work, rf)) {
+    if (options.fit_centres && !rf.relocated && !(st.J > 2.0 * std::sqrt(st.J_variance)) &&
+        locate_spot(work, rf)) {
       rf.relocated = true;
       ++moving;
       ++located;
       continue;
     }
-    moving += update_centre(rf, work.position_sigma_px, params.error_scale) > 1.0;
+    moving += update_centre(rf, work.position_sigma_px, params.error_scale, options.fit_centres) > 1.0;
     ++located;
-    const bool reference = scale_known && !(rf.flags & kNoReference);
-    rf.amplitude_expected = std::max(reference ? model_intensity(rf, params) : rf.stats.J, 0.0);
-    if (!std::isfinite(rf.amplitude_expected)) rf.amplitude_expected = std::max(rf.stats.J, 0.0);
+    // The weights' amplitude: the reference's expectation J_model, unless the reflection has
+    // none, J_model <= 0, or its reference is an outlier; then the data's J.
+    const bool reference = scale_known && !(rf.flags & (kNoReference | kOutlier));
+    const double j_model = reference ? model_intensity(rf, params) : kNaN;
+    rf.amplitude_expected = j_model > 0.0 ? j_model : std::max(rf.stats.J, 0.0);
   }
   work.centre_moving = located ? double(moving) / located : 0.0;
 }

@@ -65,6 +65,8 @@ struct RefineOptions {
   std::vector<double> G_prior;          // centre of the G prior (empty = no prior)
   std::vector<double> R0_sigma;         // sd of R0, propagated into intensity_scaled (empty = 0)
   double sigma_G = kInf;                // relative width of the G prior; inf = none
+  bool reference_bias_correction = true;  // remove the scale's bias from I_ref's own error
+  bool fit_centres = true;              // estimate each spot's centre (else: at c_pred)
   bool refine_geometry = false;         // Term 3: rotation omega and detector shift
   double sigma_rotation = 1e-3;         // prior omega ~ N(0, sigma_rotation), rad
   double sigma_shift = 1.0;             // prior shift ~ N(0, sigma_shift), mm

@@ -1,49 +1,58 @@
 """Refinement on simulated stills: recovery, honest sigmas, the factored objective's promises,
-derivatives, threads and error paths."""
+derivatives, the global loop, the error model, threads and error paths. The regimes beyond the
+simulator's comfortable corner are in test_regimes.py; the audit's cases in test_status.py."""
 
 import numpy as np
 import pytest
 
 import pixelrefine as pr
 from pixelrefine import _core
-from pixelrefine.simulate import LYSOZYME_CELL, random_rotation
+from pixelrefine.recovery import recovery
+from pixelrefine.simulate import REGIMES, random_rotation
 
 from conftest import R0, with_counts
 
 PARAMETERS = ("G", "B", "R1")
+#: A single image-level fit at the true R0 with the error model held (no global loop).
+HELD = dict(R0=R0, profile="isotropic", error_scale=1.0, reference_error=0.05, max_global=1)
 
 
-def test_recovery_within_three_sigma(recovery_set):
-    """G, B and R1 come back within 3 reported sigmas in >= 95 % of 40 images.
-
-    The reference error (5 %) is part of the simulation, so the refinement is told of it
-    (reference_sigma_rel); without it Term 1's sigmas would ignore a known error source.
-    """
-    results = pr.refine(recovery_set, R0=R0, reference_sigma_rel=0.05)
+def test_recovery_with_nothing_given(recovery_set):
+    """With nothing but the file (R0, k, f and the profile model from the data), G, B, R1 come
+    back within 3 sigma in >= 95 % of 40 images and their pulls are centred: |mean| below 4
+    standard errors (4/sqrt(40) = 0.63) and sd in [0.7, 1.35] (sd of 40 pulls: +-11 %, so
+    this is a 3-sigma band)."""
+    results = pr.refine(recovery_set, n_threads=2)
     assert np.all(results.images["status"] == 0)
+    assert results.options["profile"] == "isotropic"
     truth = recovery_set.truth["images"]
     for name in PARAMETERS:
         z = (results.images[name] - truth[name]) / results.images[f"{name}_sigma"]
         assert np.all(np.isfinite(z)), name
         assert np.mean(np.abs(z) < 3) >= 0.95, (name, np.round(z, 2))
-        # and the pulls are centred: |mean z| < 4 standard errors (40 images)
-        assert abs(z.mean()) < 4 / np.sqrt(len(z)) * max(1.0, z.std()), (name, z.mean())
+        assert abs(z.mean()) < 4 / np.sqrt(len(z)), (name, z.mean())
+        assert 0.7 < z.std() < 1.35, (name, z.std())
+    # R0 refined (5e-4 true): within 2 % and 3 sigma; the error model near its truth.
+    R0_fit, R0_sigma = results.crystals["R0"][0], results.crystals["R0_sigma"][0]
+    assert abs(R0_fit / R0 - 1) < 0.02 and abs(R0_fit - R0) < 3 * R0_sigma
+    assert abs(results.crystals["error_scale"][0] - 1) < 0.03
+    assert abs(results.crystals["reference_error"][0] - 0.05) < 0.01
 
 
 @pytest.fixture(scope="module")
 def repeated_draws():
-    """One fixed still (orientation, truth, reference) and 120 Poisson draws of its counts."""
+    """One fixed still (orientation, truth, reference) and 100 Poisson draws of its counts."""
     rng = np.random.default_rng(7)
-    base = pr.simulate(1, seed=31, max_reflections=200, reference_error=0.0,
+    base = pr.simulate(1, seed=31, max_reflections=300, reference_error=0.0,
                        orientations=random_rotation(rng)[None], keep_expected=True,
                        truth_override={"G": 1.1, "B": 2.0, "R1": 1.0e-3, "background": 1.0})
     expected = base.truth["pixels"]["expected"]
     mask = base.pixels.mask
     estimates, sigmas = [], []
-    for draw in range(120):
+    for draw in range(100):
         counts = rng.poisson(expected).astype(np.float64)
         counts[mask == 0] = 65535.0
-        results = pr.refine(with_counts(base, counts), R0=R0)
+        results = pr.refine(with_counts(base, counts), **{**HELD, "reference_error": 0.0})
         assert results.images["status"][0] == 0
         estimates.append([results.images[p][0] for p in PARAMETERS])
         sigmas.append([results.images[f"{p}_sigma"][0] for p in PARAMETERS])
@@ -51,24 +60,21 @@ def repeated_draws():
 
 
 def test_sigmas_match_spread_over_noise_draws(repeated_draws):
-    """The reported sigma agrees with the spread of the estimates within 20 %.
+    """The reported sigma agrees with the spread of the estimates within 25 %.
 
-    With 120 draws the sample sd has a relative standard error of 1/sqrt(2*119) = 6.5 %,
-    so 20 % is a 3-sigma tolerance.
+    With 100 draws the sample sd has a relative standard error of 1/sqrt(2*99) = 7 %, so
+    25 % is a 3.5-sigma tolerance.
     """
     _, estimates, sigmas = repeated_draws
-    spread = estimates.std(axis=0, ddof=1)
-    reported = np.median(sigmas, axis=0)
-    ratio = spread / reported
-    assert np.all(np.abs(ratio - 1) < 0.2), dict(zip(PARAMETERS, np.round(ratio, 3)))
+    ratio = estimates.std(axis=0, ddof=1) / np.median(sigmas, axis=0)
+    assert np.all(np.abs(ratio - 1) < 0.25), dict(zip(PARAMETERS, np.round(ratio, 3)))
 
 
 def test_estimates_unbiased_over_noise_draws(repeated_draws):
-    base, estimates, sigmas = repeated_draws
+    base, estimates, _ = repeated_draws
     truth = np.array([base.truth["images"][p][0] for p in PARAMETERS])
-    # bias < 4 standard errors of the mean over the draws
     standard_error = estimates.std(axis=0, ddof=1) / np.sqrt(len(estimates))
-    assert np.all(np.abs(estimates.mean(axis=0) - truth) < 4 * standard_error + 0.05 * sigmas.mean(0)), \
+    assert np.all(np.abs(estimates.mean(axis=0) - truth) < 4 * standard_error), \
         dict(zip(PARAMETERS, (estimates.mean(0) - truth) / standard_error))
 
 
@@ -78,139 +84,58 @@ def truth_values(shoeboxes, image):
 
 
 def test_shape_and_position_residuals_do_not_depend_on_G(small_set):
-    """dr2/dG = 0 and dr3/dG = 0 exactly, in the assembled problem's autodiff Jacobian."""
-    e = pr.evaluate_image(small_set, 0, R0=R0, refine_geometry=True, **truth_values(small_set, 0))
+    """dr2/dG = dr3/dG = 0 and dr1/d(shape) = 0 exactly, in the assembled problem's Jacobian."""
+    e = pr.evaluate_image(small_set, 0, R0=R0, refine_geometry=True, passes=2,
+                          **truth_values(small_set, 0))
     jac, term = e["jacobian"], e["term"]
-    assert jac.shape[1] == 7
+    assert jac.shape[1] == 2 + 3 + 4  # G, B, R1, a, c, omega[3], shift
     for t in (2, 3):
         rows = term == t
         assert rows.sum() > 50
         assert np.all(jac[rows, 0] == 0.0), t  # G column
         assert np.all(jac[rows, 1] == 0.0), t  # B column
-    assert np.any(jac[term == 2, 2] != 0.0)  # R1 drives the shape
-    assert np.any(jac[term == 3, 3:] != 0.0)  # geometry drives the position
-    assert np.any(jac[term == 1, 0] != 0.0)  # G drives the intensity
-
-
-def test_profile_fit_amplitude_insensitive_to_R1():
-    """J moves < 1 % when R1 is mis-set by ±20 %, on well-sampled spots.
-
-    Well-sampled: the box (11 x 11) holds the whole spot and the spot is strong against its
-    background (J / Bg > 4e4 photons per background photon per pixel). The Fisher weights
-    make J tend to the width-free total as J / Bg grows; weaker spots move more (for a
-    Gaussian spot of 1 px at J / Bg = 400 the continuum value is -5.5 % / +3.3 %), which is
-    why R1 is still a parameter of Term 1 (METHODS.md).
-    """
-    shoeboxes = pr.simulate(2, seed=11, max_reflections=150, background=0.05, shoebox_size=11,
-                            intensity_scale=20000, gap_columns=None, dead_pixel_fraction=0.0)
-    image = 1
-    truth = truth_values(shoeboxes, image)
-    J = {factor: pr.evaluate_image(shoeboxes, image, R0=R0,
-                                   **{**truth, "R1": truth["R1"] * factor})["intensity_prf"]
-         for factor in (0.8, 1.0, 1.2)}
-    start = shoeboxes.image_start()
-    bbox = shoeboxes.reflections.bbox[start[image]:start[image + 1]]
-    full_box = (bbox[:, 1] - bbox[:, 0] == 11) & (bbox[:, 3] - bbox[:, 2] == 11)
-    j_true = shoeboxes.truth["reflections"]["intensity_model"][start[image]:start[image + 1]]
-    strength = j_true / shoeboxes.truth["images"]["background"][image]
-    strong = full_box & (strength > 4e4)
-    weak = full_box & (strength > 2e3) & (strength < 1e4)
-    assert strong.sum() >= 10 and weak.sum() >= 10
-    for factor in (0.8, 1.2):
-        change = np.abs(J[factor] / J[1.0] - 1)
-        assert change[strong].max() < 0.01, (factor, change[strong].max())
-        assert np.median(change[weak]) > np.median(change[strong])
-
-
-def test_far_pixel_changes_intensity_residual_by_its_profile_weight(small_set):
-    """A pixel far from the spot enters r1 only through its profile weight.
-
-    With the background given, J = sum_p k_p (I_p - Bg) with k_p = w_p P_p / sum w P^2, so
-    raising the corner pixel of a 7x7 box by D changes J by k_p D and r1 by k_p D / sigma_1
-    and nothing else; the corner's k_p is < 1e-3. The per-pixel objective instead gives that
-    pixel a residual of its own that moves by D / sqrt(v_p).
-    """
-    image = 2
-    truth = truth_values(small_set, image)
-    refl = small_set.reflections
-    bg = np.float32(small_set.truth["images"]["background"][image])
-    given = pr.Reflections(refl.image_id, refl.miller_index, refl.intensity_ref, refl.bbox,
-                           refl.pixel_offset, refl.panel, np.full(len(refl), bg, np.float32))
-    data = pr.ShoeboxSet(small_set.detector, small_set.images, given, small_set.pixels)
-    start = data.image_start()
-    rows = [r for r in range(start[image], start[image + 1])
-            if refl.bbox[r, 1] - refl.bbox[r, 0] == 7 and refl.bbox[r, 3] - refl.bbox[r, 2] == 7
-            and data.pixels.mask[refl.pixel_offset[r]:refl.pixel_offset[r] + 49].all()]
-    D = 50.0
-    kw = dict(R0=R0, **truth)
-    before = pr.evaluate_image(data, image, **kw)
-    pixel_before = pr.evaluate_image(data, image, objective="pixel", **kw)
-    def bump(row, pixel):
-        counts = data.pixels.counts.copy()
-        counts[refl.pixel_offset[row] + pixel] += D
-        return pr.ShoeboxSet(data.detector, data.images, given, pr.Pixels(counts, data.pixels.mask))
-
-    for row in rows[:5]:
-        local = row - start[image]
-        bumped = bump(row, 0)  # pixel (x0, y0): a corner of the box
-        after = pr.evaluate_image(bumped, image, **kw)
-        centre = pr.evaluate_image(bump(row, 24), image, **kw)
-        delta_J = after["intensity_prf"][local] - before["intensity_prf"][local]
-        k_centre = (centre["intensity_prf"][local] - before["intensity_prf"][local]) / D
-        # the corner's profile weight k_p is positive and small against the spot's centre
-        assert 0 < delta_J / D < 0.05 * k_centre
-        changed = np.flatnonzero(after["residuals"] != before["residuals"])
-        intensity_row = np.flatnonzero((before["row"] == row) & (before["term"] == 1))
-        shape_row = np.flatnonzero((before["row"] == row) & (before["term"] == 2))
-        assert set(changed) <= set(intensity_row) | set(shape_row)  # only this reflection
-        # r1 moves by exactly delta_J / sigma_1 (sigma_1 from r1 = (J - J_model) / sigma_1).
-        J = before["intensity_prf"][local]
-        r1 = before["residuals"][intensity_row][0]
-        pred = _core.predict(
-            data.core(), np.array([image], np.int32), np.zeros(1, np.int16),
-            np.ascontiguousarray(refl.miller_index[row:row + 1]), np.full(data.n_images, R0), 0.0,
-            G=np.full(data.n_images, truth["G"]), B=np.full(data.n_images, truth["B"]))
-        sigma_1 = (J - pred["scale"][0] * refl.intensity_ref[row]) / r1
-        delta_r1 = after["residuals"][intensity_row][0] - r1
-        np.testing.assert_allclose(delta_r1, delta_J / sigma_1, rtol=1e-6)
-        pixel_after = pr.evaluate_image(bumped, image, objective="pixel", **kw)
-        assert np.abs(pixel_after["residuals"] - pixel_before["residuals"]).max() > 10 * abs(delta_r1)
+    assert np.all(jac[term == 1, 2:5] == 0.0)  # the shape leaves Term 1
+    assert np.all(jac[term == 2, 5:] == 0.0)   # the geometry leaves Term 2
+    assert np.any(jac[term == 2, 2] != 0.0)    # R1 drives the shape
+    assert np.any(jac[term == 3, 5:] != 0.0)   # geometry drives the position
+    assert np.any(jac[term == 1, 0] != 0.0)    # G drives the intensity
 
 
 def test_jacobian_matches_central_differences(small_set):
     """Autodiff Jacobians of every term agree with central differences of the same residuals
-    (weights held at the base point, as within a solve)."""
+    (the per-reflection fits held at the base point, as within a solve)."""
     truth = truth_values(small_set, 3)
     base = dict(G=truth["G"] * 1.05, B=truth["B"] + 1.0, R1=truth["R1"] * 0.97,
-                rotation=np.array([2e-4, -1e-4, 3e-4]), detector_shift=0.2)
-    held = dict(base)
-    kw = dict(R0=R0, refine_geometry=True, sigma_G=0.3, weights_at=held)
+                anisotropy=np.array([0.02, -0.03]), rotation=np.array([2e-4, -1e-4, 3e-4]),
+                detector_shift=0.2)
+    kw = dict(R0=R0, refine_geometry=True, sigma_G=0.3, G_prior=[1.0], held=dict(base))
     e0 = pr.evaluate_image(small_set, 3, **base, **kw)
-    steps = {"G": 1e-6, "B": 1e-4, "R1": 1e-9, "rotation": 1e-7, "detector_shift": 1e-5}
-    columns = [("G", None), ("B", None), ("R1", None), ("rotation", 0), ("rotation", 1),
-               ("rotation", 2), ("detector_shift", None)]
-    for col, (name, index) in enumerate(columns):
+    columns = [("G", None, 1e-6), ("B", None, 1e-4), ("R1", None, 1e-9), ("anisotropy", 0, 1e-5),
+               ("anisotropy", 1, 1e-5), ("rotation", 0, 1e-7), ("rotation", 1, 1e-7),
+               ("rotation", 2, 1e-7), ("detector_shift", None, 1e-5)]
+    assert e0["jacobian"].shape[1] == len(columns)
+    for col, (name, index, step) in enumerate(columns):
         plus, minus = dict(base), dict(base)
         if index is None:
-            plus[name] = base[name] + steps[name]
-            minus[name] = base[name] - steps[name]
+            plus[name], minus[name] = base[name] + step, base[name] - step
         else:
-            plus[name] = base[name].copy()
-            minus[name] = base[name].copy()
-            plus[name][index] += steps[name]
-            minus[name][index] -= steps[name]
+            plus[name], minus[name] = base[name].copy(), base[name].copy()
+            plus[name][index] += step
+            minus[name][index] -= step
         numeric = (pr.evaluate_image(small_set, 3, **plus, **kw)["residuals"]
-                   - pr.evaluate_image(small_set, 3, **minus, **kw)["residuals"]) / (2 * steps[name])
+                   - pr.evaluate_image(small_set, 3, **minus, **kw)["residuals"]) / (2 * step)
         analytic = e0["jacobian"][:, col]
         scale = np.abs(analytic).max()
         assert scale > 0, name
-        np.testing.assert_allclose(numeric, analytic, rtol=1e-4, atol=1e-6 * scale, err_msg=f"{name}[{index}]")
+        np.testing.assert_allclose(numeric, analytic, rtol=1e-4, atol=1e-6 * scale,
+                                   err_msg=f"{name}[{index}]")
 
 
 def test_pixel_objective_jacobian_matches_central_differences(small_set):
     truth = truth_values(small_set, 4)
-    kw = dict(R0=R0, objective="pixel", weights_at=dict(truth))
+    kw = dict(R0=R0, objective="pixel", profile="isotropic", held=dict(truth))
     e0 = pr.evaluate_image(small_set, 4, **truth, **kw)
+    assert e0["jacobian"].shape[1] == 3
     for col, (name, step) in enumerate([("G", 1e-6), ("B", 1e-4), ("R1", 1e-9)]):
         plus = {**truth, name: truth[name] + step}
         minus = {**truth, name: truth[name] - step}
@@ -220,21 +145,73 @@ def test_pixel_objective_jacobian_matches_central_differences(small_set):
         np.testing.assert_allclose(numeric, e0["jacobian"][:, col], rtol=1e-4, atol=1e-6 * scale)
 
 
+@pytest.mark.parametrize("tail", [False, True])
+def test_profile_derivatives_by_hand_match_autodiff(tail):
+    """The pass's hand-written derivatives of the profile (chained through dM/dphi) against Jet
+    autodiff of the templated density, in R1, a, c, t, s and the centre, at offsets from the
+    core to the tail."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        phi = [1e-3 * rng.uniform(0.5, 2), rng.normal(0, 0.3), rng.normal(0, 0.3),
+               rng.uniform(0.05, 0.5), rng.uniform(1.5, 5)]
+        S = [1e-8 * rng.uniform(0, 1), 1e-9 * rng.normal(), 1e-8 * rng.uniform(0, 1)]
+        pixel = [2e-8, 3e-9, 1.5e-8]
+        eps = rng.normal(0, 2e-3, 2)
+        delta = rng.normal(0, 3e-4, 2)
+        value, by_hand, autodiff = _core.check_profile(eps[0], eps[1], phi, S, pixel, list(delta), tail)
+        assert value > 0
+        scale = np.abs(autodiff).max()
+        np.testing.assert_allclose(by_hand, autodiff, rtol=1e-9, atol=1e-12 * scale)
+
+
+def test_profile_is_area_normalised():
+    """The core's profile summed over a large box is 1 (to the sub-pixel quadrature), the same
+    number the independent simulator integrates; a spot cut by its box sums to its fraction."""
+    shoeboxes = pr.simulate(1, seed=4, max_reflections=60, shoebox_size=21, background=1e-3,
+                            intensity_scale=1e7, reference_error=0.0, dead_pixel_fraction=0.0,
+                            gap_columns=None, keep_expected=True)
+    results = pr.refine(shoeboxes, **{**HELD, "reference_error": 0.0})
+    fraction = results.reflections["profile_fraction"]
+    truth_fraction = shoeboxes.truth["reflections"]["fraction_in_box"]
+    inside = truth_fraction > 0.999
+    assert inside.sum() > 30
+    np.testing.assert_allclose(fraction[inside], 1.0, atol=2e-3)
+    np.testing.assert_allclose(fraction, truth_fraction, atol=5e-3)
+
+
+def test_background_is_a_nuisance_of_the_fit():
+    """Spots that fill their 7x7 box on a background of 0.5-5: J is unbiased (< 0.5 %) and the
+    background at the box matches the truth to 3 % on average (a box's own background has a
+    relative sd of ~20 % here, so 3 % is < 0.15 of it), where a box border would put spot in it
+    (by more than five times as much)."""
+    shoeboxes = pr.simulate(4, seed=12, **REGIMES["filling"])
+    results = pr.refine(shoeboxes, R0=float(shoeboxes.truth["global"]["R0"][0]), profile="isotropic",
+                        n_threads=2)
+    rec = recovery(shoeboxes, results)
+    assert abs(rec["J"]["relative_bias"]) < 0.005, rec["J"]
+    refl = results.reflections
+    true_bg = shoeboxes.truth["reflections"]["background_mean"]
+    ok = np.isfinite(refl["background"])
+    # the plane's level at the box centre is its mean over the box
+    error = (refl["background"][ok] - true_bg[ok]) / true_bg[ok]
+    assert abs(np.mean(error)) < 0.03
+    border_median = np.array([np.median(np.concatenate([b[0], b[-1], b[1:-1, 0], b[1:-1, -1]]))
+                              for b in (shoeboxes.shoebox(r) for r in range(shoeboxes.n_reflections))])
+    assert np.nanmean(border_median / true_bg - 1) > 5 * abs(np.mean(error))
+
+
 def test_both_objectives_run_and_G_R1_correlation_is_small(recovery_set):
-    subset = recovery_set
-    factored = pr.refine(subset, R0=R0, reference_sigma_rel=0.05)
-    pixel = pr.refine(subset, R0=R0, objective="pixel")
+    factored = pr.refine(recovery_set, **HELD)
+    pixel = pr.refine(recovery_set, objective="pixel", R0=R0, profile="isotropic", max_global=1)
     assert np.all(pixel.images["status"] == 0)
     corr_f = np.abs(factored.correlation("G", "R1"))
-    corr_p = np.abs(pixel.correlation("G", "R1"))
-    assert np.all(np.isfinite(corr_f)) and np.all(np.isfinite(corr_p))
-    # The factored objective's Jacobian is block-diagonal in (G, B | R1) by construction.
-    # (With an area-normalised profile the per-pixel objective decouples G and R1 too here:
-    # both medians are ~0.03 on this set; see benchmarks/RESULTS.md.)
+    assert np.all(np.isfinite(corr_f))
+    # The factored objective's information is block-diagonal in (G, B | shape); what remains
+    # is the propagation of the shape's uncertainty into J.
     assert np.median(corr_f) < 0.1
-    # Both estimate G close to the truth (the pixel objective is the baseline, not the target).
     truth = recovery_set.truth["images"]["G"]
     assert np.median(np.abs(pixel.images["G"] / truth - 1)) < 0.03
+    assert np.median(np.abs(factored.images["G"] / truth - 1)) < 0.02
 
 
 def test_threads_give_identical_results(small_set):
@@ -247,9 +224,8 @@ def test_threads_give_identical_results(small_set):
 
 def test_geometry_refinement_recovers_a_rotation():
     """Term 3: a known small misorientation of the stored A is found again."""
-    shoeboxes = pr.simulate(4, seed=8, max_reflections=200)
+    shoeboxes = pr.simulate(4, seed=8, max_reflections=300)
     omega_true = np.array([4e-4, -3e-4, 2e-4])
-    # Store A rotated by -omega: the correction the refinement reports is +omega.
     angle = np.linalg.norm(omega_true)
     k = omega_true / angle
     K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
@@ -259,7 +235,8 @@ def test_geometry_refinement_recovers_a_rotation():
                            pr.Images(im.wavelength, im.bandwidth, R.T @ im.A_matrix,
                                      im.polarization_fraction),
                            shoeboxes.reflections, shoeboxes.pixels, truth=shoeboxes.truth)
-    results = pr.refine(stored, R0=R0, refine_geometry=True, sigma_rotation=1e-2)
+    results = pr.refine(stored, R0=R0, profile="isotropic", refine_geometry=True,
+                        sigma_rotation=1e-2)
     assert np.all(results.images["status"] == 0)
     z = (results.images["rotation"] - omega_true) / results.images["rotation_sigma"]
     assert np.all(np.abs(z) < 4), np.round(z, 2)
@@ -268,37 +245,141 @@ def test_geometry_refinement_recovers_a_rotation():
     assert np.all(np.abs(shift_z) < 4)
 
 
-def test_no_reference_and_too_few_reflections(small_set):
-    refl = small_set.reflections
-    start = small_set.image_start()
-    intensity_ref = refl.intensity_ref.copy()
-    intensity_ref[start[0]:start[1]] = np.nan                 # image 0: no reference at all
-    intensity_ref[start[1]:start[1] + 20] = np.nan            # image 1: 20 without reference
-    data = pr.ShoeboxSet(small_set.detector, small_set.images,
-                         pr.Reflections(refl.image_id, refl.miller_index, intensity_ref, refl.bbox,
-                                        refl.pixel_offset), small_set.pixels)
-    results = pr.refine(data, R0=R0)
-    assert results.images["status"][0] == 2 and np.isnan(results.images["G"][0])
-    assert results.images["status"][1] == 0
-    flags = results.reflections["flags"]
-    assert np.all(flags[start[0]:start[1]] & 64) and np.all(flags[start[0]:start[1]] & 1)
-    # Still integrated (unscaled) on the unrefined image; scaled on the refined one.
-    assert np.isfinite(results.reflections["intensity_prf"][start[0]:start[1]]).mean() > 0.95
-    assert np.all(np.isnan(results.reflections["intensity_scaled"][start[0]:start[1]]))
-    assert np.all(flags[start[1]:start[1] + 20] & 1)
-    assert np.isfinite(results.reflections["intensity_scaled"][start[1]:start[1] + 20]).all()
-
-
 def test_scaled_intensity_recovers_truth(recovery_set):
-    results = pr.refine(recovery_set, R0=R0, reference_sigma_rel=0.05)
-    refl = results.reflections
-    ok = (refl["partiality"] > 0.5) & np.isfinite(refl["intensity_scaled"]) & ((refl["flags"] & 4) == 0)
-    z = (refl["intensity_scaled"][ok] - recovery_set.truth["reflections"]["intensity_true"][ok]) \
-        / refl["intensity_scaled_sigma"][ok]
-    # The sigma of intensity_scaled covers counting noise only (G, B uncertainty ~1 % is
-    # small against it for most reflections): the pull distribution is close to N(0, 1).
-    assert abs(np.median(z)) < 0.1
-    assert 0.9 < np.std(z) < 1.15
+    results = pr.refine(recovery_set, R0=R0, profile="isotropic")
+    rec = recovery(recovery_set, results)
+    assert abs(rec["intensity_scaled"]["pull_mean"]) < 0.05
+    assert 0.9 < rec["intensity_scaled"]["pull_sd"] < 1.1
+    assert 0.9 < rec["J"]["pull_sd"] < 1.1
+
+
+def test_R0_fixed_and_refined(small_set):
+    fixed = pr.refine(small_set, R0=R0, profile="isotropic")
+    assert fixed.crystals["R0"][0] == R0 and np.isnan(fixed.crystals["R0_sigma"][0])
+    with pytest.raises(ValueError, match="crystal_id"):
+        pr.refine(small_set, R0={5: 1e-3})
+    with pytest.raises(ValueError, match="R0"):
+        pr.refine(small_set, R0=[1e-3, 2e-3])
+    with pytest.raises(ValueError, match="R0"):
+        pr.refine(small_set, R0=-1.0)
+    with pytest.raises(ValueError, match="per-pixel"):
+        pr.refine(small_set, objective="pixel")
+
+
+def test_R0_refined_per_crystal():
+    """Three crystals of R0 4, 6, 8e-4: each within 5 % and 3 sigma, in ascending crystal_id."""
+    shoeboxes = pr.simulate(9, seed=21, **REGIMES["crystals"])
+    results = pr.refine(shoeboxes, profile="isotropic", n_threads=2)
+    true = shoeboxes.truth["global"]["R0"]
+    np.testing.assert_array_equal(results.crystals["crystal_id"], [0, 1, 2])
+    fit, sigma = results.crystals["R0"], results.crystals["R0_sigma"]
+    assert np.all(np.abs(fit / true - 1) < 0.05) and np.all(np.abs(fit - true) < 3 * sigma), (fit, sigma)
+
+
+def test_R0_on_twenty_stills_of_a_thousand_reflections():
+    """Issue 7: R0 within 5 % and within 2 sigma of the truth on 20 stills of 1,000 reflections
+    (the 'filling' regime: spots filling 7x7 boxes, reference 10 % off), nothing given."""
+    shoeboxes = pr.simulate(20, seed=5, **REGIMES["filling"])
+    assert shoeboxes.n_reflections > 18000
+    results = pr.refine(shoeboxes, n_threads=2)
+    true = shoeboxes.truth["global"]["R0"][0]
+    fit, sigma = results.crystals["R0"][0], results.crystals["R0_sigma"][0]
+    assert abs(fit / true - 1) < 0.05 and abs(fit - true) < 2 * sigma, (fit, sigma, true)
+
+
+def test_R0_prior_pulls_towards_its_mean(small_set):
+    free = pr.refine(small_set, profile="isotropic")
+    pulled = pr.refine(small_set, profile="isotropic", R0_prior=(2 * R0, 0.1 * free.crystals["R0_sigma"][0]))
+    assert pulled.crystals["R0"][0] > free.crystals["R0"][0] + 0.5 * (2 * R0 - free.crystals["R0"][0])
+
+
+def test_error_model_gain_and_reference_error():
+    """k^2 = the counts' gain (counts per photon; no read noise) and f the reference's relative
+    error are estimated from the data; with them the pulls of J have unit spread."""
+    shoeboxes = pr.simulate(12, seed=14, gain=2.0, reference_error=0.2, max_reflections=400)
+    results = pr.refine(shoeboxes, R0=R0, profile="isotropic", n_threads=2)
+    k, f = results.crystals["error_scale"][0], results.crystals["reference_error"][0]
+    assert abs(k / np.sqrt(2.0) - 1) < 0.03, k
+    assert abs(f - 0.2) < 0.02, f
+    rec = recovery(shoeboxes, results)
+    assert 0.92 < rec["J"]["pull_sd"] < 1.08
+    assert abs(rec["G"]["bias_over_sigma"]) < 0.5
+
+
+def test_reference_on_any_scale_and_negative_entries():
+    """A reference on another scale (x 1e-4) gives the same J, flags and profile, G scaled by
+    1e4 and the same relative sigmas; negative reference entries are taken as they are."""
+    shoeboxes = pr.simulate(4, seed=17, max_reflections=250)
+    refl = shoeboxes.reflections
+    def with_reference(values):
+        return pr.ShoeboxSet(shoeboxes.detector, shoeboxes.images,
+                             pr.Reflections(refl.image_id, refl.miller_index, values, refl.bbox,
+                                            refl.pixel_offset), shoeboxes.pixels)
+    kw = dict(R0=R0, profile="isotropic", reference_error=0.05, error_scale=1.0, max_global=1)
+    base = pr.refine(shoeboxes, **kw)
+    scaled = pr.refine(with_reference(refl.intensity_ref * 1e-4), **kw)
+    np.testing.assert_array_equal(base.images["status"], scaled.images["status"])
+    np.testing.assert_array_equal(base.reflections["flags"], scaled.reflections["flags"])
+    np.testing.assert_allclose(scaled.images["G"], base.images["G"] * 1e4, rtol=1e-6)
+    np.testing.assert_allclose(scaled.images["G_sigma"] / scaled.images["G"],
+                               base.images["G_sigma"] / base.images["G"], rtol=1e-5)
+    np.testing.assert_allclose(scaled.reflections["intensity_prf"], base.reflections["intensity_prf"],
+                               rtol=1e-6)
+    negative = refl.intensity_ref.copy()
+    negative[::7] = -np.abs(negative[::7]) * 0.1
+    mixed = pr.refine(with_reference(negative), **kw)
+    assert np.all(mixed.images["status"] == 0)
+    assert np.all(np.abs(mixed.images["G"] / base.images["G"] - 1) < 0.05)
+
+
+def test_outliers_are_redecided_and_wrong_references_flagged():
+    """5 % of references replaced by unrelated values: those are flagged as outliers at the
+    end (most of them), the rest rarely, and G stays unbiased."""
+    shoeboxes = pr.simulate(8, seed=19, reference_outlier_fraction=0.05, reference_error=0.05,
+                            max_reflections=300)
+    results = pr.refine(shoeboxes, R0=R0, profile="isotropic", n_threads=2)
+    flags = results.reflections["flags"]
+    ref = shoeboxes.reflections.intensity_ref
+    true = shoeboxes.truth["reflections"]["intensity_true"]
+    wrong = np.abs(np.log(np.abs(ref) / true)) > 1.0  # an unrelated draw, off by more than e
+    snr = results.reflections["intensity_prf"] / results.reflections["intensity_prf_sigma"]
+    strong_wrong = wrong & (snr > 10)
+    assert strong_wrong.sum() > 10
+    assert np.mean(flags[strong_wrong] & 8 > 0) > 0.8
+    assert np.mean(flags[~wrong] & 8 > 0) < 0.02
+    rec = recovery(shoeboxes, results)
+    assert abs(rec["G"]["bias_over_sigma"]) < 0.6
+
+
+def test_no_reference_refines_the_profile_and_integrates():
+    """Without a reference: status 6, G and B NaN, R1 refined from the shapes, every spot
+    integrated with the fitted profile, J unbiased."""
+    shoeboxes = pr.simulate(4, seed=23, **REGIMES["no_reference"], max_reflections=300)
+    results = pr.refine(shoeboxes, R0=R0, n_threads=2)
+    im = results.images
+    assert np.all(im["status"] == 6)
+    assert np.all(np.isnan(im["G"])) and np.all(np.isnan(im["B"]))
+    z = (im["R1"] - shoeboxes.truth["images"]["R1"]) / im["R1_sigma"]
+    assert np.all(np.abs(z) < 4), z
+    rec = recovery(shoeboxes, results)
+    assert rec["J"]["n"] > 500 and abs(rec["J"]["relative_bias"]) < 0.01
+    assert np.all(np.isnan(results.reflections["intensity_scaled"]))
+
+
+def test_centre_estimation_changes_nothing_on_spots_at_their_predictions(recovery_set):
+    """On isotropic Gaussian spots at their predicted centres, estimating each spot's centre
+    changes J by much less than its sigma (rms < 0.15 sigma) and R1 by a fraction of its sigma
+    (rms < 0.35 sigma)."""
+    kw = dict(R0=R0, profile="isotropic", reference_error=0.05, error_scale=1.0, max_global=1)
+    fitted = pr.refine(recovery_set, **kw, n_threads=2)
+    held = pr.refine(recovery_set, **kw, n_threads=2, fit_centres=False)
+    J_f, J_h = fitted.reflections["intensity_prf"], held.reflections["intensity_prf"]
+    sigma = held.reflections["intensity_prf_sigma"]
+    ok = np.isfinite(J_f) & np.isfinite(J_h)
+    assert np.sqrt(np.mean(((J_f - J_h)[ok] / sigma[ok]) ** 2)) < 0.15
+    dR1 = (fitted.images["R1"] - held.images["R1"]) / held.images["R1_sigma"]
+    assert np.sqrt(np.mean(dR1 ** 2)) < 0.35 and np.all(np.abs(dR1) < 1.0), dR1
+    assert np.all(fitted.images["position_sigma"] < 0.2)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -308,32 +389,34 @@ def test_scaled_intensity_recovers_truth(recovery_set):
     (dict(objective="pixel", loss="tukey"), ValueError, "loss"),
     (dict(sigma_G=-1.0), ValueError, "sigma_G"),
     (dict(max_outer=0), ValueError, "max_outer"),
+    (dict(outer_tolerance=-1.0), ValueError, "outer_tolerance"),
+    (dict(outer_tolerance=float("nan")), ValueError, "outer_tolerance"),
+    (dict(outlier_sigma=float("nan")), ValueError, "outlier_sigma"),
+    (dict(pixel_outlier_sigma=-2.0), ValueError, "pixel_outlier_sigma"),
+    (dict(chi2_max=0.0), ValueError, "chi2_max"),
+    (dict(profile="gaussian"), ValueError, "profile"),
+    (dict(background="quadric"), ValueError, "background"),
+    (dict(B_min=5.0, B_max=-5.0), ValueError, "B_min"),
+    (dict(max_global=0), ValueError, "max_global"),
+    (dict(min_snr_shape=20), TypeError, "min_snr_shape"),
     (dict(not_an_option=1), TypeError, "not_an_option"),
+    (dict(max_outer="many"), TypeError, "max_outer"),
 ])
 def test_bad_options_raise(small_set, kwargs, error, match):
     with pytest.raises(error, match=match):
         pr.refine(small_set, R0=R0, **kwargs)
 
 
-def test_R0_per_crystal(small_set):
-    with pytest.raises(ValueError, match="crystal_id"):
-        pr.refine(small_set, R0={5: 1e-3})
-    with pytest.raises(ValueError, match="R0"):
-        pr.refine(small_set, R0=[1e-3, 2e-3])
-    with pytest.raises(ValueError, match="R0"):
-        pr.refine(small_set, R0=-1.0)
-
-
 def test_bounds_are_enforced_when_needed(small_set):
     """An unbounded solve that leaves B's range is redone with the bounds: B ends on the bound
     and the image says so (status 4)."""
-    results = pr.refine(small_set, R0=R0, B_min=-0.5, B_max=0.5)
+    results = pr.refine(small_set, R0=R0, profile="isotropic", B_min=-0.5, B_max=0.5)
     B_true = small_set.truth["images"]["B"]
     outside = np.abs(B_true) > 3.0
     assert outside.any()
     assert np.all(results.images["status"][outside] == 4)
-    np.testing.assert_allclose(np.abs(results.images["B"][outside]), 0.5, atol=1e-9)
-    assert np.all(np.abs(results.images["B"]) <= 0.5 + 1e-12)
+    np.testing.assert_allclose(np.abs(results.images["B"][outside]), 0.5, atol=1e-6)
+    assert np.all(np.abs(results.images["B"]) <= 0.5 + 1e-9)
 
 
 def test_image_without_reflections_and_empty_set(small_set):
@@ -343,8 +426,9 @@ def test_image_without_reflections_and_empty_set(small_set):
                          pr.Reflections(refl.image_id[keep], refl.miller_index[keep],
                                         refl.intensity_ref[keep], refl.bbox[keep],
                                         refl.pixel_offset[keep]), small_set.pixels)
-    results = pr.refine(data, R0=R0)
+    results = pr.refine(data, R0=R0, profile="isotropic")
     assert results.images["status"][1] == 2 and results.images["n_reflections"][1] == 0
+    assert np.isnan(results.images["G"][1]) and np.isnan(results.images["R1"][1])
     assert np.all(results.images["status"][[0, 2]] == 0)
     empty = np.zeros(0)
     nothing = pr.ShoeboxSet(small_set.detector, pr.Images(empty, empty, np.zeros((0, 3, 3)), empty),

@@ -61,21 +61,32 @@ def simulate(output, n_images, seed, max_reflections, reference_error, R0, compr
 @main.command()
 @click.argument("input_file", type=click.Path(exists=True, dir_okay=False))
 @click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--R0", "R0", type=float, required=True,
-              help="Partiality width R0 (Å⁻¹), given for every crystal (not refined).")
+@click.option("--R0", "R0", type=float, default=None,
+              help="Partiality width R0 (Å⁻¹) for every crystal, held fixed. Default: refined per "
+                   "crystal (two-level fit).")
+@click.option("--R0-prior", "R0_prior", type=(float, float), default=None, metavar="MEAN SD",
+              help="Gaussian prior on R0 (Å⁻¹) when it is refined.")
 @click.option("--objective", type=click.Choice(["factored", "pixel"]), default="factored",
               show_default=True)
+@click.option("--profile", type=click.Choice(["auto", "isotropic", "anisotropic", "tail"]),
+              default="auto", show_default=True, help="Spot profile model (auto: chosen by the data).")
+@click.option("--background", type=click.Choice(["auto", "flat", "plane"]), default="auto",
+              show_default=True, help="Background per shoebox (auto: a plane in boxes that allow one).")
+@click.option("--error-scale", type=float, default=None,
+              help="σ inflation k of the error model, held. Default: estimated from the data.")
+@click.option("--reference-error", type=float, default=None,
+              help="Relative error f of I_ref, held. Default: estimated from the data.")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="Mosaic spread η (rad), given.")
 @click.option("--threads", default=os.cpu_count() or 1, show_default=True)
-@click.option("--sigma-G", "sigma_G", type=float, default=None, help="Prior G ~ N(1, σ_G).")
-@click.option("--reference-sigma-rel", type=float, default=0.0, show_default=True,
-              help="Relative error of I_ref, added to the intensity term's variance.")
+@click.option("--sigma-G", "sigma_G", type=float, default=None,
+              help="Prior on G, relative to the scale found: G ~ N(Ĝ, (σ_G Ĝ)²).")
 @click.option("--refine-geometry", is_flag=True, help="Refine rotation and detector shift (Term 3).")
 @click.option("--option", "extra", multiple=True, metavar="KEY=VALUE",
               help="Any other refinement option (see METHODS.md), repeatable.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never the input).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
-def refine(input_file, output, R0, objective, threads, sigma_G, reference_sigma_rel,
-           refine_geometry, extra, overwrite, progress):
+def refine(input_file, output, R0, R0_prior, objective, profile, background, error_scale,
+           reference_error, eta, threads, sigma_G, refine_geometry, extra, overwrite, progress):
     """Refine every image of INPUT_FILE and write a new results file OUTPUT."""
     try:
         check_output_path(output, overwrite=overwrite, inputs=(input_file,))
@@ -85,16 +96,21 @@ def refine(input_file, output, R0, objective, threads, sigma_G, reference_sigma_
     options = _parse_options(extra)
     if sigma_G is not None:
         options["sigma_G"] = sigma_G
-    options.update(reference_sigma_rel=reference_sigma_rel, refine_geometry=refine_geometry)
+    options.update(refine_geometry=refine_geometry, background=background)
     start = time.perf_counter()
     try:
-        results = refine_set(shoeboxes, R0=R0, objective=objective, n_threads=threads,
+        results = refine_set(shoeboxes, R0=R0, R0_prior=R0_prior, objective=objective,
+                             profile=profile, error_scale=error_scale,
+                             reference_error=reference_error, eta=eta, n_threads=threads,
                              progress=sys.stderr.isatty() if progress is None else progress,
                              **options)
     except (ValueError, TypeError) as error:
         raise click.ClickException(str(error)) from None
     elapsed = time.perf_counter() - start
-    write_results(output, results, overwrite=overwrite)
+    try:
+        write_results(output, results, overwrite=overwrite)
+    except (ValueError, FileExistsError, OSError) as error:
+        raise click.ClickException(str(error)) from None
     click.echo(f"refined {results.n_images} images in {elapsed:.2f} s "
                f"({results.n_images / elapsed:.0f} images/s on {threads} thread(s)); wrote {output}")
 
@@ -123,7 +139,9 @@ def report(results_file, shoebox_file, per_image):
 @click.option("--objective", type=click.Choice(["factored", "pixel"]), default="factored",
               show_default=True)
 def demo(directory, n_images, threads, objective):
-    """Simulate the built-in default dataset, refine it, and report against the truth."""
+    """Simulate the built-in default dataset, refine it (R0, the error model and the profile
+    model from the data; the per-pixel objective is given the true R0), and report against the
+    truth."""
     os.makedirs(directory, exist_ok=True)
     shoebox_path = os.path.join(directory, "shoeboxes.h5")
     results_path = os.path.join(directory, f"results-{objective}.h5")
@@ -134,8 +152,8 @@ def demo(directory, n_images, threads, objective):
     shoeboxes = read_shoeboxes(shoebox_path)
     R0 = float(shoeboxes.truth["global"]["R0"][0])
     start = time.perf_counter()
-    results = refine_set(shoeboxes, R0=R0, objective=objective, n_threads=threads,
-                         progress=sys.stderr.isatty(), reference_sigma_rel=0.05)
+    results = refine_set(shoeboxes, objective=objective, n_threads=threads,
+                         progress=sys.stderr.isatty(), **({"R0": R0} if objective == "pixel" else {}))
     elapsed = time.perf_counter() - start
     write_results(results_path, results, overwrite=True)
     click.echo(f"refined {n_images} images ({objective}) in {elapsed:.2f} s on {threads} thread(s) "

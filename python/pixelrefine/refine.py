@@ -416,7 +416,11 @@ class _GlobalLoop:
 
     def reference_error(self, results: Results) -> tuple[np.ndarray, np.ndarray]:
         """f per crystal by maximum likelihood on the intensity residuals J − J_model with
-        variance k²σ_J² + f²J_model², trimmed at outlier_sigma (re-decided as f moves)."""
+        variance k²σ_J² + f²J², trimmed at outlier_sigma (re-decided as f moves). The
+        reference's share is scaled by the measured J (less its counting variance), not by
+        J_model = G·K·I_ref: I_ref's own error in the variance would bias f (for a lognormal
+        error of 30 % by +15 %), and f² must be the variance of the reference's relative
+        error for the scale's bias correction (METHODS.md §I.10)."""
         refl = results.reflections
         J, Jm, sc = refl["intensity_prf"], refl["intensity_model"], refl["intensity_count_sigma"]
         trim = float(self.options.get("outlier_sigma", 6.0)) or np.inf
@@ -429,7 +433,7 @@ class _GlobalLoop:
                 continue
             e2 = (J[ok] - Jm[ok]) ** 2
             v0 = (self.crystals.error_scale[c] * sc[ok]) ** 2
-            m2 = Jm[ok] ** 2
+            m2 = np.maximum(J[ok] ** 2 - v0, 0.0)
             f2 = max(f_out[c], 1e-3) ** 2
             fisher = np.nan
             for _ in range(100):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .losses import shoebox_metrics
+from .recovery import recovery
 from .refine import FLAGS, STATUS, Results, model_counts
 from .shoeboxes import ShoeboxSet
 
@@ -28,14 +29,28 @@ def summary_table(results: Results) -> list[list[str]]:
     rows = [["parameter", "n", "mean", "median", "sd", "min", "max", "median σ"],
             _row("G", im["G"], im["G_sigma"]),
             _row("B (Å²)", im["B"], im["B_sigma"]),
-            _row("R1 (1e-3 Å⁻¹)", im["R1"], im["R1_sigma"], 1e3)]
+            _row("R1 (1e-3 Å⁻¹)", im["R1"], im["R1_sigma"], 1e3),
+            _row("spot sd (px)", im["spot_sd"], np.full(len(im["G"]), np.nan)),
+            _row("χ²/pixel", im["chi2_pixel"], np.full(len(im["G"]), np.nan))]
     if np.any(np.isfinite(im["detector_shift_sigma"])):
         for axis in range(3):
             rows.append(_row(f"rotation_{'xyz'[axis]} (mrad)", im["rotation"][:, axis],
                              im["rotation_sigma"][:, axis], 1e3))
         rows.append(_row("detector_shift (mm)", im["detector_shift"], im["detector_shift_sigma"]))
-    for crystal, r0 in zip(results.crystals["crystal_id"], results.crystals["R0"]):
-        rows.append([f"R0 crystal {crystal} (1e-3 Å⁻¹)", "given", f"{r0 * 1e3:.5g}", "", "", "", "", ""])
+    return rows
+
+
+def crystal_table(results: Results) -> list[list[str]]:
+    """Rows per crystal: R0 ± σ (or 'given'), k, f, the tail's fraction and scale."""
+    c = results.crystals
+    rows = [["crystal", "R0 (1e-3 Å⁻¹)", "σ(R0)", "error scale k", "reference error f",
+             "tail fraction", "tail scale"]]
+    for i, crystal in enumerate(c["crystal_id"]):
+        sigma = c["R0_sigma"][i]
+        rows.append([str(crystal), f"{c['R0'][i] * 1e3:.5g}",
+                     f"{sigma * 1e3:.2g}" if np.isfinite(sigma) else "given",
+                     f"{c['error_scale'][i]:.4g}", f"{c['reference_error'][i]:.4g}",
+                     f"{c['tail_fraction'][i]:.3g}", f"{c['tail_scale'][i]:.3g}"])
     return rows
 
 
@@ -47,23 +62,22 @@ def _format(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _recovery(results: Results, truth: dict) -> str:
-    rows = [["parameter", "median (fit−true)/σ", "sd of (fit−true)/σ", "within 3σ"]]
+def _recovery(results: Results, shoeboxes: ShoeboxSet) -> str:
+    rec = recovery(shoeboxes, results)
+    rows = [["parameter", "bias / median σ", "pull mean", "pull sd", "n"]]
     for name in ("G", "B", "R1"):
-        true = np.asarray(truth["images"][name])
-        z = (results.images[name] - true) / results.images[f"{name}_sigma"]
-        z = z[np.isfinite(z)]
-        if z.size:
-            rows.append([name, f"{np.median(z):.3f}", f"{z.std():.3f}", f"{np.mean(np.abs(z) < 3):.1%}"])
-    refl = results.reflections
-    scaled = refl["intensity_scaled"]
-    true_i = np.asarray(truth["reflections"]["intensity_true"])
-    ok = np.isfinite(scaled) & (refl["partiality"] > 0.3)
+        r = rec[name]
+        if r["n"]:
+            rows.append([name, f"{r['bias_over_sigma']:.3f}", f"{r['pull_mean']:.3f}",
+                         f"{r['pull_sd']:.3f}", str(r["n"])])
     text = "Recovery against /truth\n" + _format(rows)
-    if ok.any():
-        z = (scaled[ok] - true_i[ok]) / refl["intensity_scaled_sigma"][ok]
-        text += (f"\nintensity_scaled vs intensity_true (partiality > 0.3, n = {ok.sum()}): "
-                 f"median z {np.median(z):.3f}, sd z {z.std():.3f}")
+    J, I = rec["J"], rec["intensity_scaled"]
+    text += (f"\nJ (SNR ≥ 3, ≥ 80 % in the box, n = {J['n']}): efficiency against the Cramér–Rao "
+             f"bound {J['efficiency']:.3f}, bias {100 * J['relative_bias']:+.2f} %, pull sd "
+             f"{J['pull_sd']:.3f}; intensity_scaled pull mean {I['pull_mean']:.3f}, sd "
+             f"{I['pull_sd']:.3f}")
+    for c, (fit, sigma, true) in enumerate(zip(rec["R0"]["fit"], rec["R0"]["sigma"], rec["R0"]["true"])):
+        text += f"\nR0 crystal {c}: {fit:.5g} ± {sigma:.2g} (true {true:.5g})"
     return text
 
 
@@ -113,14 +127,15 @@ def per_image_table(results: Results, quality: dict[str, np.ndarray] | None = No
     """One row per image: status, G, B, R1 with sigmas and, given ``shoebox_quality``, the
     median model-vs-observed χ², PSNR and SSIM of its shoeboxes."""
     im = results.images
-    head = ["image", "status", "n_refl", "G", "σG", "B", "σB", "R1×1e3", "σR1×1e3"]
+    head = ["image", "status", "n_refl", "G", "σG", "B", "σB", "R1×1e3", "σR1×1e3", "χ²/px"]
     if quality is not None:
-        head += ["χ²/px", "PSNR", "SSIM"]
+        head += ["box χ²/px", "PSNR", "SSIM"]
     rows = [head]
     for i in range(results.n_images):
         row = [str(i), str(im["status"][i]), str(im["n_reflections"][i]),
                f"{im['G'][i]:.4f}", f"{im['G_sigma'][i]:.2g}", f"{im['B'][i]:.2f}",
-               f"{im['B_sigma'][i]:.2g}", f"{im['R1'][i] * 1e3:.4f}", f"{im['R1_sigma'][i] * 1e3:.2g}"]
+               f"{im['B_sigma'][i]:.2g}", f"{im['R1'][i] * 1e3:.4f}", f"{im['R1_sigma'][i] * 1e3:.2g}",
+               f"{im['chi2_pixel'][i]:.3f}"]
         if quality is not None:
             row += [f"{quality['image_chi2'][i]:.3f}", f"{quality['image_psnr'][i]:.2f}",
                     f"{quality['image_ssim'][i]:.3f}"]
@@ -132,9 +147,10 @@ def format_report(results: Results, shoeboxes: ShoeboxSet | None = None, *,
                   per_image: bool = False) -> str:
     """The text printed by ``pixelrefine report`` (``per_image``: also one row per image)."""
     im, refl = results.images, results.reflections
-    parts = [f"objective: {results.objective}   images: {results.n_images}   "
-             f"reflections: {len(refl['flags'])}   input: {results.input_file}",
-             _format(summary_table(results))]
+    parts = [f"objective: {results.objective}   profile: {results.options.get('profile', '?')}   "
+             f"images: {results.n_images}   reflections: {len(refl['flags'])}   "
+             f"input: {results.input_file}",
+             _format(summary_table(results)), _format(crystal_table(results))]
     status, counts = np.unique(im["status"], return_counts=True)
     parts.append("status: " + ", ".join(f"{c} × {s} ({STATUS.get(int(s), '?').split(':')[0]})"
                                         for s, c in zip(status, counts)))
@@ -157,5 +173,5 @@ def format_report(results: Results, shoeboxes: ShoeboxSet | None = None, *,
     if per_image:
         parts.append(per_image_table(results, quality))
     if shoeboxes is not None and shoeboxes.truth:
-        parts.append(_recovery(results, shoeboxes.truth))
+        parts.append(_recovery(results, shoeboxes))
     return "\n".join(parts)

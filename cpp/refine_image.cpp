@@ -595,7 +595,7 @@ void ImageRefinement::compute_covariance(bool final) {
   const Matrix H = information_at_solution(&term1_jacobian, &r1);
   covariance_ok_ = invert_information(H, free, covariance_);
   if (!covariance_ok_ || !factored_ || !scale_fit_) {
-    if (factored_) global_contributions(term1_jacobian, r1);
+    global_contributions(term1_jacobian, r1);
     return;
   }
   // The scale's J is the fit at the held shape: propagate the shape's uncertainty into G, B
@@ -970,6 +970,7 @@ void ImageRefinement::write_reflections() const {
     out_.profile_fraction[r] = rf.pixel_end > rf.pixel_begin ? st.profile_fraction : kNaN;
     const int dof = st.n_used - st.n_parameters;
     out_.chi2_pixel_reflection[r] = integrated && dof > 0 ? st.chi2 / (k * k * dof) : kNaN;
+    if (out_.chi2_pixel_reflection[r] > options_.chi2_max) flags |= kPoorFitReflection;
     const bool reference = !(rf.flags & kNoReference);
     out_.intensity_model[r] = scaled && reference ? model_intensity(rf, held_) : kNaN;
     // intensity_scaled = J / (G B_term p pol), with the counting sigma and G, B's covariance.

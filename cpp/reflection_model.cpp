@@ -768,7 +768,7 @@ void initialise_reflections(ImageWork& work, const RefineOptions& options) {
       bg = border[border.size() / 2];
     }
     rf.stats.background[0] = rf.n_background_parameters > 0 ? bg : kNaN;
-    mark_raw_spikes(work, rf, bg);
+    if (options.pixel_outlier_sigma > 0.0) mark_raw_spikes(work, rf, bg);
     if (options.fit_centres) locate_spot(work, rf);
     else rf.S[0] = rf.S[1] = rf.S[2] = 0.0;
     rf.amplitude_expected = std::max(sum - bg * double(rf.pixel_end - rf.pixel_begin), 0.0);

@@ -36,6 +36,7 @@ enum ReflectionFlag : int32_t {
   kProfileOutsideBox = 256,  // less than min_profile_fraction of the profile in the valid pixels
   kLowPartiality = 512,      // p < min_partiality: intensity_scaled not given
   kPlaneBackground = 1024,   // the background is a plane (else flat)
+  kPoorFitReflection = 2048, // the reflection's pixel chi^2 per degree of freedom above chi2_max
 };
 
 // Image status codes (/images/status).

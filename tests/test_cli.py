@@ -19,19 +19,22 @@ def test_simulate_refine_report(tmp_path):
     r = run("simulate", shoeboxes, "--images", 6, "--max-reflections", 120, "--compression", "bitshuffle-lz4")
     assert r.exit_code == 0, r.output
     digest = hashlib.sha256(shoeboxes.read_bytes()).hexdigest()
-    r = run("refine", shoeboxes, results, "--R0", 5e-4, "--threads", 2, "--reference-sigma-rel", 0.05,
-            "--option", "outlier_sigma=8", "--no-progress")
+    r = run("refine", shoeboxes, results, "--threads", 2, "--option", "outlier_sigma=8",
+            "--no-progress")
     assert r.exit_code == 0, r.output
     assert "refined 6 images" in r.output
     out = pr.read_results(results)
     assert np.all(out.images["status"] == 0)
-    assert out.options["outlier_sigma"] == 8 and out.options["reference_sigma_rel"] == 0.05
+    assert out.options["outlier_sigma"] == 8
+    assert np.isfinite(out.crystals["R0_sigma"][0])  # R0 refined (not given)
     r = run("report", results, "--shoeboxes", shoeboxes, "--per-image")
     assert r.exit_code == 0, r.output
-    for text in ("G", "B (Å²)", "R1", "status: 6 × 0", "Recovery against /truth", "within 3σ",
-                 "Model vs observed shoeboxes", "χ²/px", "SSIM"):
+    for text in ("G", "B (Å²)", "R1", "status: 6 × 0", "Recovery against /truth", "pull sd",
+                 "Cramér–Rao", "R0 crystal 0", "error scale k", "Model vs observed shoeboxes",
+                 "χ²/px", "SSIM"):
         assert text in r.output, text
-    per_image_rows = [line for line in r.output.splitlines() if line.split()[:1] in (["0"], ["5"])]
+    per_image_rows = [line for line in r.output.splitlines()
+                      if line.split()[:1] in (["0"], ["5"]) and len(line.split()) >= 13]
     assert len(per_image_rows) == 2
     assert hashlib.sha256(shoeboxes.read_bytes()).hexdigest() == digest
 
@@ -61,8 +64,11 @@ def test_refine_reports_bad_input_and_options(tmp_path):
                                   "--option", "no_such_option=1"])
     assert r.exit_code != 0 and "no_such_option" in r.output
     assert not (tmp_path / "o.h5").exists()
-    r = CliRunner().invoke(main, ["refine", str(good), str(tmp_path / "o.h5")])
-    assert r.exit_code != 0 and "--R0" in r.output
+    r = CliRunner().invoke(main, ["refine", str(good), str(tmp_path / "o.h5"), "--objective", "pixel"])
+    assert r.exit_code != 0 and "R0" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["refine", str(good), str(tmp_path / "o.h5"), "--option",
+                                  "outer_tolerance=-1"])
+    assert r.exit_code != 0 and "outer_tolerance" in r.output and "Traceback" not in r.output
 
 
 def test_demo(tmp_path):

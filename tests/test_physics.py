@@ -113,25 +113,3 @@ def test_detector_shift_moves_spots_radially(geometry):
     # A longer distance magnifies positions about the beam centre; partiality is unchanged.
     np.testing.assert_array_equal(near["partiality"], far["partiality"])
     assert not np.allclose(near["xyzcal"][hits], far["xyzcal"][hits])
-
-
-def test_profile_is_area_normalised():
-    """Σ_p P_p ≈ 1 for a spot wholly inside a large shoebox (conventions.md)."""
-    shoeboxes = pr.simulate(2, seed=3, max_reflections=30, shoebox_size=21, gap_columns=None,
-                            dead_pixel_fraction=0.0)
-    inside = np.all([shoeboxes.reflections.bbox[:, 1] - shoeboxes.reflections.bbox[:, 0] == 21,
-                     shoeboxes.reflections.bbox[:, 3] - shoeboxes.reflections.bbox[:, 2] == 21], axis=0)
-    profile = _core.shoebox_profiles(shoeboxes.core(), shoeboxes.truth["images"]["R1"], subsample=8)
-    sums = np.add.reduceat(profile, shoeboxes.reflections.pixel_offset)
-    assert inside.sum() > 20
-    np.testing.assert_allclose(sums[inside], 1.0, atol=2e-3)
-
-
-def test_subsampled_profile_converges():
-    """The pixel-integrated profile converges as the sub-pixel grid is refined."""
-    shoeboxes = pr.simulate(1, seed=4, max_reflections=10, gap_columns=None)
-    R1 = shoeboxes.truth["images"]["R1"]
-    fine = _core.shoebox_profiles(shoeboxes.core(), R1, subsample=16)
-    coarse = _core.shoebox_profiles(shoeboxes.core(), R1, subsample=8)
-    rough = _core.shoebox_profiles(shoeboxes.core(), R1, subsample=2)
-    assert np.abs(coarse - fine).max() < np.abs(rough - fine).max() / 4

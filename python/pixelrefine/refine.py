@@ -47,6 +47,7 @@ FLAGS = {
     256: "profile_outside_box",
     512: "low_partiality",
     1024: "plane_background",
+    2048: "poor_fit",
 }
 
 # (dtype, columns): 0 a vector, n a [rows, n] array, -1 the [N, k, k] covariance. Names and
@@ -391,7 +392,7 @@ class _GlobalLoop:
         r0_step = self.R0_step(results)
         tail_step = self.tail_step(results) if model == "tail" else np.zeros((len(c.R0), 2))
         settled = bool(
-            np.all(np.abs(r0_step) <= np.maximum(1e-4, 0.02 * c.R0_sigma / np.maximum(c.R0, 1e-30)))
+            np.all(np.abs(r0_step) <= np.fmax(1e-4, 0.02 * c.R0_sigma / np.maximum(c.R0, 1e-30)))
             and np.all(np.abs(c.error_scale - before["k"]) <= 2e-3 * before["k"])
             and np.all(np.abs(c.reference_error - before["f"]) <= 2e-3)
             and np.all(np.abs(tail_step[:, 0]) <= 2e-3) and np.all(np.abs(tail_step[:, 1]) <= 1e-2))

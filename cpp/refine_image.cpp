@@ -213,6 +213,7 @@ class ImageRefinement {
   ImageParameters held_;
   bool has_reference_ = false, scale_fit_ = false;
   bool solver_failed_ = false, converged_ = false, not_refined_ = false;
+  double G_floor_ = 0.0;  // G's lower bound, once bounds were needed
   int iterations_ = 0, n_outer_ = 0, status_ = kNotConverged;
   double cost_ = kNaN;
   double chi2_pixel_ = kNaN, chi2_intensity_ = kNaN, chi2_shape_ = kNaN, chi2_position_ = kNaN;
@@ -443,6 +444,7 @@ bool ImageRefinement::solve(ImageParameters& result) {
   if (summary.termination_type == ceres::FAILURE) return false;
   if (!inside()) {
     const double G_floor = 1e-9 * std::abs(held_.G);
+    G_floor_ = std::max(G_floor_, G_floor);
     if (scale_fit_) {
       problem.SetParameterLowerBound(&x_.G, 0, G_floor);
       problem.SetParameterLowerBound(&x_.B, 0, options_.B_min);
@@ -879,7 +881,8 @@ int ImageRefinement::decide_status(bool converged) const {
   if (!converged) return kNotConverged;
   if (has_reference_ && !scale_fit_) return kTooFewReflections;
   if (scale_fit_) {
-    const bool at_bound = held_.B <= options_.B_min + 1e-9 || held_.B >= options_.B_max - 1e-9;
+    const bool at_bound = held_.B <= options_.B_min + 1e-9 || held_.B >= options_.B_max - 1e-9 ||
+                          held_.G <= 1.001 * G_floor_;
     bool shape_bound = false;
     for (int k = 1; k < n_shape_; ++k) shape_bound = shape_bound || std::abs(held_.phi[k]) >= 3.0 - 1e-9;
     if (at_bound || shape_bound) return kAtBound;

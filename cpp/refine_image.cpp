@@ -218,6 +218,7 @@ class ImageRefinement {
   double cost_ = kNaN;
   double chi2_pixel_ = kNaN, chi2_intensity_ = kNaN, chi2_shape_ = kNaN, chi2_position_ = kNaN;
   double spot_sd_ = kNaN, box_half_ = kNaN;
+  bool poor_fit_ = false;
   int n_term1_ = 0, n_integrated_ = 0;
   Matrix covariance_;
   bool covariance_ok_ = false;
@@ -293,7 +294,10 @@ void ImageRefinement::update_terms(const ImageParameters& at) {
     }
     // Term 2 from spots whose centre is known to a fraction of their width: the profile of a
     // spot centred on its own noise looks narrower than it is (METHODS.md §I.8).
-    rf.use_shape = rf.stats.shape_ok && rf.centre_sd_px <= 0.3 * work_.spot_sd_px;
+    // Nor from boxes where pixels were left out: what is left of a neighbour's spot or a zinger
+    // would widen the shape (and fake a tail).
+    rf.use_shape = rf.stats.shape_ok && rf.centre_sd_px <= 0.3 * work_.spot_sd_px &&
+                   !(rf.flags & kPixelOutliers);
     if (geometry_ && std::isfinite(rf.centre_px[0]))
       rf.use_position = position_whitening(rf, k, work_.position_sigma_px, whitening_[r].data());
     if (!has_reference_ || (rf.flags & kNoReference)) {
@@ -680,7 +684,8 @@ void ImageRefinement::global_contributions(const Matrix& term1_jacobian,
   for (int j = 0; j < 3; ++j) out_.tail_curvature[3 * i + j] = 0.0;
   double chi2 = 0.0, dof = 0.0;
   for (const ReflectionFit& rf : work_.reflections) {
-    if (!rf.integrated() || !std::isfinite(rf.stats.J)) continue;
+    // The counting scale from clean boxes only (a neighbour's wings are not counting noise).
+    if (!rf.integrated() || !std::isfinite(rf.stats.J) || (rf.flags & kPixelOutliers)) continue;
     chi2 += rf.stats.chi2_background;
     const double fraction = rf.stats.n_used > 0 ? double(rf.stats.n_parameters) / rf.stats.n_used : 1.0;
     dof += rf.stats.n_background * std::max(0.0, 1.0 - fraction);
@@ -842,14 +847,22 @@ void ImageRefinement::run() {
 void ImageRefinement::diagnostics() {
   const double k2 = held_.error_scale * held_.error_scale;
   double chi2 = 0.0, dof = 0.0, c1 = 0.0, c2 = 0.0, c3 = 0.0, area = 0.0, half = 0.0;
-  int n2 = 0, n3 = 0;
+  double clean_chi2 = 0.0, clean_dof = 0.0;
+  int n2 = 0, n3 = 0, n_poor = 0;
   n_term1_ = n_integrated_ = 0;
   for (size_t r = 0; r < work_.reflections.size(); ++r) {
     const ReflectionFit& rf = work_.reflections[r];
     if (!rf.integrated() || !std::isfinite(rf.stats.J)) continue;
     const ReflectionStatistics& st = rf.stats;
     chi2 += st.chi2;
-    dof += std::max(st.n_used - st.n_parameters, 0);
+    const int reflection_dof = std::max(st.n_used - st.n_parameters, 0);
+    dof += reflection_dof;
+    const bool poor = reflection_dof > 0 && st.chi2 / (k2 * reflection_dof) > options_.chi2_max;
+    n_poor += poor;
+    if (!poor && !(rf.flags & kPixelOutliers)) {
+      clean_chi2 += st.chi2;
+      clean_dof += reflection_dof;
+    }
     area += rf.a_mean;
     half += rf.box_half;
     ++n_integrated_;
@@ -869,6 +882,10 @@ void ImageRefinement::diagnostics() {
     }
   }
   chi2_pixel_ = dof > 0 ? chi2 / k2 / dof : kNaN;
+  // The image fits poorly when its clean boxes do, or when many boxes do (a few boxes with a
+  // neighbour's spot or a zinger are flagged on their own, kPoorFitReflection).
+  poor_fit_ = !(clean_dof > 0 && clean_chi2 / k2 / clean_dof <= options_.chi2_max) ||
+              n_poor > 0.2 * n_integrated_;
   chi2_intensity_ = n_term1_ ? c1 / n_term1_ : kNaN;
   chi2_shape_ = n2 ? c2 / n2 : kNaN;
   chi2_position_ = n3 ? c3 / n3 : kNaN;
@@ -889,7 +906,7 @@ int ImageRefinement::decide_status(bool converged) const {
   }
   if (!covariance_ok_) return kSingularCovariance;
   if (!(spot_sd_ >= options_.spot_sd_min) || !(spot_sd_ <= box_half_)) return kImplausibleProfile;
-  if (!(chi2_pixel_ <= options_.chi2_max)) return kPoorFit;
+  if (poor_fit_) return kPoorFit;
   if (!has_reference_) return kNoReferenceImage;
   return kConverged;
 }

@@ -489,17 +489,20 @@ void fit_reflection(ImageWork& w, ReflectionFit& rf, const ImageParameters& para
 // The image's rms offset of spots from their predictions (pixels, per axis), by the method of
 // moments over the spots whose centres are well measured: E|d|^2 = 2 sigma^2 + tr C.
 double positional_scatter(const ImageWork& w, double fallback) {
-  double sum = 0.0, n = 0.0;
+  // Robust to the few spots captured by a neighbour: the median of |d|^2 - tr C, which for
+  // 2-D Gaussian offsets of sd sigma per axis is 2 ln 2 sigma^2.
+  std::vector<double> excess;
   for (const ReflectionFit& rf : w.reflections) {
     if (!rf.integrated() || !std::isfinite(rf.centre_cov[0])) continue;
     const double trace = rf.centre_cov[0] + rf.centre_cov[2];
     if (!(trace < 0.125)) continue;  // centre known to better than 0.25 px per axis
     const double dx = rf.centre_px[0] - rf.pred.x, dy = rf.centre_px[1] - rf.pred.y;
-    sum += dx * dx + dy * dy - trace;
-    n += 1.0;
+    excess.push_back(dx * dx + dy * dy - trace);
   }
-  if (n < 5.0) return fallback;
-  return std::max(std::sqrt(std::max(sum / (2.0 * n), 0.0)), 0.02);
+  if (excess.size() < 5) return fallback;
+  std::nth_element(excess.begin(), excess.begin() + excess.size() / 2, excess.end());
+  const double median = excess[excess.size() / 2];
+  return std::max(std::sqrt(std::max(median / (2.0 * std::log(2.0)), 0.0)), 0.02);
 }
 
 // After a pass: the centre's ML estimate (Term 3) and its MAP update with the positional prior
@@ -589,22 +592,53 @@ bool locate_spot(const ImageWork& w, ReflectionFit& rf) {
   if (border.size() < 3) return false;
   std::nth_element(border.begin(), border.begin() + border.size() / 2, border.end());
   const double bg = std::isfinite(rf.file_background) ? rf.file_background : border[border.size() / 2];
-  double sum = 0.0, variance = 0.0, sx = 0.0, sy = 0.0;
-  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-    const double v = std::max(bg, 1.0) + w.read_noise_sq[i];
-    const double excess = w.counts[i] - bg;
-    if (!w.used[i] || excess <= 2.0 * std::sqrt(v)) continue;
-    sum += excess;
-    variance += v + excess;
-    sx += excess * w.x[i];
-    sy += excess * w.y[i];
+  // The 4-connected groups of pixels more than 2 sd above; of those more than 5 sd in sum,
+  // the one whose centroid lies nearest c_pred (a brighter neighbour's spot is not this one).
+  const int64_t n = rf.pixel_end - rf.pixel_begin;
+  thread_local BoxGrid grid;
+  grid.build(w, rf);
+  thread_local std::vector<double> excess;
+  thread_local std::vector<int> group;
+  thread_local std::vector<int64_t> members;
+  excess.assign(n, 0.0);
+  group.assign(n, -1);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = rf.pixel_begin + j;
+    const double sd = std::sqrt(std::max(bg, 1.0) + w.read_noise_sq[i]);
+    const double e = w.counts[i] - bg;
+    excess[j] = w.used[i] && e > 2.0 * sd ? e : 0.0;
   }
-  if (!(sum > 5.0 * std::sqrt(variance))) return false;
+  double best_distance = kInf;
+  Eigen::Vector2d best(kNaN, kNaN);
+  for (int64_t start = 0; start < n; ++start) {
+    if (group[start] >= 0 || excess[start] <= 0.0) continue;
+    members.assign(1, start);
+    group[start] = int(start);
+    double sum = 0.0, variance = 0.0, sx = 0.0, sy = 0.0;
+    for (size_t m = 0; m < members.size(); ++m) {
+      const int64_t j = members[m], i = rf.pixel_begin + j;
+      sum += excess[j];
+      variance += std::max(bg, 1.0) + w.read_noise_sq[i] + excess[j];
+      sx += excess[j] * w.x[i];
+      sy += excess[j] * w.y[i];
+      grid.for_each_neighbour(w, rf, i, [&](int64_t k) {
+        const int64_t jk = k - rf.pixel_begin;
+        if (group[jk] >= 0 || excess[jk] <= 0.0) return;
+        group[jk] = int(start);
+        members.push_back(jk);
+      });
+    }
+    if (!(sum > 5.0 * std::sqrt(variance))) continue;
+    const Eigen::Vector2d offset(sx / sum - rf.pred.x, sy / sum - rf.pred.y);
+    if (offset.norm() < best_distance) {
+      best_distance = offset.norm();
+      best = offset;
+    }
+  }
+  if (!best.allFinite() || best_distance > reach) return false;
   const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
                                rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
-  const Eigen::Vector2d offset(sx / sum - rf.pred.x, sy / sum - rf.pred.y);
-  if (!offset.allFinite() || offset.norm() > reach) return false;
-  const Eigen::Vector2d delta = jac * offset;
+  const Eigen::Vector2d delta = jac * best;
   rf.delta[0] = delta(0);
   rf.delta[1] = delta(1);
   return true;

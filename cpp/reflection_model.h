@@ -76,7 +76,7 @@ struct RefineOptions {
   double outer_tolerance = 0.1;         // settled when every parameter moves < tol * sigma
   double B_min = -200.0, B_max = 200.0;
   int min_valid_pixels = 5;
-  int plane_min_pixels = 49;            // "auto" background: a plane from this many valid pixels
+  int plane_min_pixels = 100;           // "auto" background: a plane from this many valid pixels
   int min_reflections = 3;
   double outlier_sigma = 6.0;           // Term 1: |r1| above this leaves the scale fit (0 = never)
   double pixel_outlier_sigma = 6.0;     // pixels this far above the model are left out (0 = never)

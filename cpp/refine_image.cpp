@@ -298,7 +298,9 @@ void ImageRefinement::update_terms(const ImageParameters& at) {
     // would widen the shape (and fake a tail).
     rf.use_shape = rf.stats.shape_ok && rf.centre_sd_px <= 0.3 * work_.spot_sd_px &&
                    !(rf.flags & kPixelOutliers);
-    if (geometry_ && std::isfinite(rf.centre_px[0]))
+    // Term 3 from spots whose centre the data fix (to 0.25 px per axis): a weak spot's centre
+    // follows the prediction it is fitted about and would feed the geometry back on itself.
+    if (geometry_ && std::isfinite(rf.centre_px[0]) && rf.centre_cov[0] + rf.centre_cov[2] < 0.125)
       rf.use_position = position_whitening(rf, k, work_.position_sigma_px, whitening_[r].data());
     if (!has_reference_ || (rf.flags & kNoReference)) {
       rf.flags &= ~kOutlier;
@@ -825,7 +827,9 @@ void ImageRefinement::run() {
       std::fprintf(stderr, " centre %.3f outliers %d usable %d\n", work_.centre_moving, n_out, int(previous_use.size()));
     }
     ImageParameters damped = next;
-    if (!settled && reversal < 0.0) {  // a two-state alternation: take half the step
+    // A step that reverses the previous one (a two-state alternation), or any step after the
+    // fourth pass (a longer cycle: the centres and the geometry trading), is halved.
+    if (!settled && (reversal < 0.0 || outer >= 4)) {
       damped.G = 0.5 * (held_.G + next.G);
       damped.B = 0.5 * (held_.B + next.B);
       for (int s = 0; s < n_shape_; ++s) damped.phi[s] = 0.5 * (held_.phi[s] + next.phi[s]);
@@ -895,8 +899,8 @@ void ImageRefinement::diagnostics() {
 
 int ImageRefinement::decide_status(bool converged) const {
   if (solver_failed_) return kSolverFailure;
+  if (has_reference_ && !scale_fit_) return kTooFewReflections;  // not scaled, whatever else
   if (!converged) return kNotConverged;
-  if (has_reference_ && !scale_fit_) return kTooFewReflections;
   if (scale_fit_) {
     const bool at_bound = held_.B <= options_.B_min + 1e-9 || held_.B >= options_.B_max - 1e-9 ||
                           held_.G <= 1.001 * G_floor_;

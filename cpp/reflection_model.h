@@ -71,7 +71,7 @@ struct RefineOptions {
   bool refine_geometry = false;         // Term 3: rotation omega and detector shift
   double sigma_rotation = 1e-3;         // prior omega ~ N(0, sigma_rotation), rad
   double sigma_shift = 1.0;             // prior shift ~ N(0, sigma_shift), mm
-  int max_outer = 12;                   // reweighting rounds (passes + Ceres solves) per image
+  int max_outer = 20;                   // reweighting rounds (passes + Ceres solves) per image
   int max_iterations = 50;              // Levenberg-Marquardt iterations per solve
   double outer_tolerance = 0.1;         // settled when every parameter moves < tol * sigma
   double B_min = -200.0, B_max = 200.0;

@@ -80,7 +80,9 @@ def simulate(output, n_images, seed, max_reflections, reference_error, R0, compr
 @click.option("--threads", default=os.cpu_count() or 1, show_default=True)
 @click.option("--sigma-G", "sigma_G", type=float, default=None,
               help="Prior on G, relative to the scale found: G ~ N(Ĝ, (σ_G Ĝ)²).")
-@click.option("--refine-geometry", is_flag=True, help="Refine rotation and detector shift (Term 3).")
+@click.option("--refine-geometry/--no-refine-geometry", default=None,
+              help="Refine rotation and detector shift (Term 3); default: on for the factored "
+                   "objective.")
 @click.option("--option", "extra", multiple=True, metavar="KEY=VALUE",
               help="Any other refinement option (see METHODS.md), repeatable.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never the input).")
@@ -96,7 +98,9 @@ def refine(input_file, output, R0, R0_prior, objective, profile, background, err
     options = _parse_options(extra)
     if sigma_G is not None:
         options["sigma_G"] = sigma_G
-    options.update(refine_geometry=refine_geometry, background=background)
+    options["background"] = background
+    if refine_geometry is not None:
+        options["refine_geometry"] = refine_geometry
     start = time.perf_counter()
     try:
         results = refine_set(shoeboxes, R0=R0, R0_prior=R0_prior, objective=objective,

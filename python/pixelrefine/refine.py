@@ -263,7 +263,7 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
         Images per call into the core (default: 64 per thread); progress updates per chunk.
     **options
         Any field of ``_core.RefineOptions`` (METHODS.md §I.13), e.g. ``sigma_G``,
-        ``refine_geometry``, ``background``, ``loss``.
+        ``refine_geometry`` (default: on for the factored objective), ``background``, ``loss``.
 
     Returns
     -------
@@ -282,6 +282,9 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
     if R0_prior is not None and not (np.isfinite(R0_prior[0]) and R0_prior[1] > 0):
         raise ValueError("R0_prior must be (finite mean, sd > 0)")
     shoeboxes.core()
+    # Term 3 (rotation, detector shift) is part of the default factored fit: a stored
+    # orientation off by a fraction of a mrad puts every partiality wrong (METHODS.md §I.9).
+    options.setdefault("refine_geometry", objective == "factored")
     ids, index = shoeboxes.crystal_index
     given_R0 = _per_crystal(shoeboxes, R0, "R0")
     if objective == "pixel" and given_R0 is None:

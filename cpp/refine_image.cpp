@@ -689,8 +689,7 @@ void ImageRefinement::global_contributions(const Matrix& term1_jacobian,
     // The counting scale from clean boxes only (a neighbour's wings are not counting noise).
     if (!rf.integrated() || !std::isfinite(rf.stats.J) || (rf.flags & kPixelOutliers)) continue;
     chi2 += rf.stats.chi2_background;
-    const double fraction = rf.stats.n_used > 0 ? double(rf.stats.n_parameters) / rf.stats.n_used : 1.0;
-    dof += rf.stats.n_background * std::max(0.0, 1.0 - fraction);
+    dof += rf.stats.dof_background;
   }
   out_.background_chi2[i] = chi2;
   out_.background_dof[i] = dof;

@@ -236,13 +236,15 @@ void centre_statistics(const ImageWork& w, ReflectionFit& rf, const ImageParamet
 
 // The reflection's local fit from its Gram matrix: J and the background by weighted least
 // squares, chi^2, the profiled scores and Fisher matrices of the centre and the shape.
-void solve_local_fit(const Matrix& gram, const GramLayout& L, ReflectionStatistics& st) {
+void solve_local_fit(const Matrix& gram, const GramLayout& L, ReflectionStatistics& st,
+                     Matrix& N_inverse_out) {
   const int nx = L.n_x, I = L.counts;
   const Matrix N = gram.topLeftCorner(nx, nx);
   const Vector rhs = gram.block(0, I, nx, 1);
   Eigen::LDLT<Matrix> ldlt(N);
   const Vector beta = ldlt.solve(rhs);
   const Matrix N_inverse = ldlt.solve(Matrix::Identity(nx, nx));
+  N_inverse_out = N_inverse;
   st.J = beta(0);
   st.J_variance = N_inverse(0, 0);
   for (int k = 1; k < nx; ++k) st.background[k - 1] = beta(k);
@@ -415,12 +417,13 @@ bool mark_outlier_pixels(ImageWork& w, const ReflectionFit& rf, const std::vecto
 }
 
 void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const PixelRows& rows,
-                  const RefineOptions& options, double error_scale, const SpotRegion& region) {
+                  const RefineOptions& options, double error_scale, const SpotRegion& region,
+                  const Matrix& N_inverse) {
   const int64_t n = rf.pixel_end - rf.pixel_begin;
   ReflectionStatistics& st = rf.stats;
   double beta[3] = {st.background[0], st.background[1], st.background[2]};
   st.chi2_background = 0.0;
-  st.n_background = 0;
+  st.dof_background = 0.0;
   double m2_num = 0.0, m2_den = 0.0;
   thread_local std::vector<double> z;
   z.assign(n, 0.0);
@@ -441,8 +444,11 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
     w.variance[i] = v;
     z[j] = (w.counts[i] - mu) / (error_scale * std::sqrt(v));
     if (rows.weight[j] > 0.0 && std::max(st.J, 0.0) * P < 0.1 * std::max(bg, options.variance_floor)) {
+      // Its degrees of freedom: 1 - leverage, h_p = w_p x_p' N^-1 x_p (J and the background).
+      const Eigen::Map<const Vector> x(&rows.z[size_t(j) * L.size], L.n_x);
+      const double leverage = rows.weight[j] * x.dot(N_inverse * x);
       st.chi2_background += (w.counts[i] - mu) * (w.counts[i] - mu) / v;
-      st.n_background += 1;
+      st.dof_background += std::max(1.0 - leverage, 0.0);
     }
   }
   const bool any = options.pixel_outlier_sigma > 0.0 &&
@@ -474,7 +480,8 @@ void fit_reflection(ImageWork& w, ReflectionFit& rf, const ImageParameters& para
     return;
   }
   rf.flags &= ~kProfileOutsideBox;
-  solve_local_fit(gram, L, st);
+  thread_local Matrix N_inverse;
+  solve_local_fit(gram, L, st, N_inverse);
   if (!std::isfinite(st.J) || !(st.J_variance > 0.0)) {
     rf.flags |= kProfileOutsideBox;
     st.J = st.J_variance = kNaN;
@@ -483,7 +490,7 @@ void fit_reflection(ImageWork& w, ReflectionFit& rf, const ImageParameters& para
   }
   if (st.shape_ok) rf.flags &= ~kNoShape; else rf.flags |= kNoShape;
   centre_statistics(w, rf, params, rows, pd.M);
-  model_pixels(w, rf, L, rows, options, params.error_scale, spot_region(rf, pd.M));
+  model_pixels(w, rf, L, rows, options, params.error_scale, spot_region(rf, pd.M), N_inverse);
 }
 
 // The image's rms offset of spots from their predictions (pixels, per axis), by the method of

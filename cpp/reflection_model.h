@@ -110,7 +110,7 @@ struct ReflectionStatistics {
   int n_used = 0;                      // pixels used
   int n_parameters = 0;                // local parameters fitted (J, background, centre)
   double chi2_background = 0.0;        // sum w e^2 over background-dominated pixels
-  int n_background = 0;
+  double dof_background = 0.0;         // their degrees of freedom, sum (1 - leverage)
   // Shape: whitened scores z = L^-1 T and U = L' (L L' = F, the Fisher matrix of the image's
   // refined shape parameters with J, the background and the centre profiled out), n_shape
   // entries; and dJ/dphi (for the propagation of the shape's uncertainty into G).

@@ -22,8 +22,9 @@ N_IMAGES = 12
 #: Regimes where a known limit of the method applies (METHODS.md §I.15), with what differs.
 LIMITS = {
     # Off-centre weak spots: a spot's centre fitted to its own noise makes J high by ~2 % at
-    # SNR 3-10 and loses efficiency against the bound, which knows the centre.
-    "offset": dict(efficiency=0.8),
+    # SNR 3-10 and loses efficiency against the bound, which knows the centre; J's sigma is the
+    # one at the fitted centre, without the centre's own uncertainty (pulls sd ~1.3).
+    "offset": dict(efficiency=0.8, pull_sd=(0.9, 1.35)),
     # One overall sigma inflation cannot model both gain (var ~ counts) and read noise (var
     # constant): the pulls of J are 0.87-1.0 depending on a spot's strength.
     "read_noise": dict(pull_sd=(0.8, 1.1)),
@@ -120,11 +121,13 @@ def test_error_model_finds_the_reference_error_and_the_gain(regime_results):
 def test_the_default_is_at_least_as_good_as_the_per_pixel_baseline(name):
     """On the same data (the baseline given the factored run's R0, which it cannot refine):
     the default's J efficiency is no worse than the baseline's (within the 3 % sd of the
-    ratio) and its G bias is no larger (within one standard error of the mean pull)."""
-    shoeboxes = pr.simulate(6, seed=29, **REGIMES[name])
+    ratio) and its G bias is no larger (within two standard errors of the mean, from the
+    default's sigmas over 15 images)."""
+    shoeboxes = pr.simulate(15, seed=29, **REGIMES[name])
     factored = pr.refine(shoeboxes, n_threads=2)
     pixel = pr.refine(shoeboxes, objective="pixel", R0=factored.crystals["R0"], n_threads=2,
                       max_global=2)
     f, p = recovery(shoeboxes, factored), recovery(shoeboxes, pixel)
     assert f["J"]["efficiency"] > p["J"]["efficiency"] - 0.03, (f["J"], p["J"])
-    assert abs(f["G"]["relative_bias"]) < abs(p["G"]["relative_bias"]) + f["G"]["median_sigma"] / np.sqrt(6)
+    standard_error = f["G"]["median_sigma"] / np.median(shoeboxes.truth["images"]["G"]) / np.sqrt(15)
+    assert abs(f["G"]["relative_bias"]) < abs(p["G"]["relative_bias"]) + 2 * standard_error

@@ -8,8 +8,9 @@ The definitions are those the tests and METHODS.md's regime table use:
   G_true × gain / reference_scale (the counts' gain and the reference's scale are absorbed by
   G), J with J_true × gain, intensity_scaled with I_true × reference_scale;
 - J efficiency: Σ CRB² / Σ (J − J_true)² over spots with J_true/CRB ≥ ``snr_min`` whose box
-  holds at least ``box_fraction_min`` of the spot, CRB the bound with the background a nuisance
-  (``truth.reflections.intensity_crb``); 1 is the limit;
+  holds at least ``box_fraction_min`` of the spot and holds no neighbour's spot and no zinger,
+  CRB the bound with the background a nuisance (``truth.reflections.intensity_crb``); 1 is
+  the limit;
 - pulls of intensity_prf against J_true and of intensity_scaled against I_true × scale.
 """
 
@@ -85,8 +86,11 @@ def recovery(shoeboxes: ShoeboxSet, results: Results, *, snr_min: float = 3.0,
     crb = np.asarray(tr["intensity_crb"]) * gain
     chosen = (np.isfinite(J) & (J_true >= snr_min * crb)
               & (np.asarray(tr["fraction_in_box"]) >= box_fraction_min))
+    # The bound assumes clean data: boxes holding a neighbour's spot or a zinger are left out.
     if "has_neighbour" in tr:
         chosen &= ~np.asarray(tr["has_neighbour"], bool)
+    if "n_zingers" in tr:
+        chosen &= np.asarray(tr["n_zingers"]) == 0
     error = J[chosen] - J_true[chosen]
     out["J"] = {"n": int(chosen.sum()),
                 "efficiency": float(np.sum(crb[chosen] ** 2) / np.sum(error ** 2)) if chosen.any() else np.nan,

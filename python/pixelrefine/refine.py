@@ -228,7 +228,8 @@ def initial_R0(shoeboxes: ShoeboxSet) -> np.ndarray:
 def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarray | None = None,
            objective: str = "factored", profile: str = "auto", eta: Any = 0.0,
            R0_prior: tuple[float, float] | None = None, error_scale: Any = None,
-           reference_error: Any = None, max_global: int = 10, n_threads: int = 1,
+           reference_error: Any = None, tail: tuple[Any, Any] | None = None,
+           max_global: int = 10, n_threads: int = 1,
            progress: bool = False, chunk_size: int | None = None, **options: Any) -> Results:
     """Refine every image of a shoebox set, and the per-crystal values they share.
 
@@ -253,6 +254,11 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
     error_scale, reference_error : float, mapping or array, optional
         The error model's σ inflation k and the reference's relative error f per crystal;
         given: held; None (default): estimated from the data (METHODS.md §I.10).
+    tail : (fraction, scale), optional
+        The heavy tail's fraction t and width s per crystal (each a float, mapping or array)
+        for profile "tail", held; None (default): refined per crystal (factored objective).
+        The per-pixel objective cannot refine them: with "auto" it chooses between the
+        isotropic and the anisotropic Gaussian only, unless ``tail`` is given.
     max_global : int
         At most this many rounds of the global loop.
     n_threads : int
@@ -293,6 +299,13 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
     if given_R0 is not None and not np.all(np.isfinite(given_R0) & (given_R0 >= 0)):
         raise ValueError("R0 must be finite and >= 0")
     n = len(ids)
+    given_tail = None if tail is None else (_per_crystal(shoeboxes, tail[0], "tail fraction"),
+                                            _per_crystal(shoeboxes, tail[1], "tail scale"))
+    if given_tail is not None and not (np.all((given_tail[0] >= 0) & (given_tail[0] < 1))
+                                       and np.all(given_tail[1] > 1)):
+        raise ValueError("tail must be (fraction in [0, 1), scale > 1)")
+    if objective == "pixel" and profile == "auto" and given_tail is None:
+        profile = "auto-gaussian"
     given_k = _per_crystal(shoeboxes, error_scale, "error_scale")
     given_f = _per_crystal(shoeboxes, reference_error, "reference_error")
     crystals = CrystalModel(
@@ -301,12 +314,16 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
         error_scale=given_k if given_k is not None else np.ones(n),
         reference_error=given_f if given_f is not None else np.full(n, 0.1),
         reference_error_sigma=np.full(n, np.nan),
-        tail_fraction=np.full(n, 0.05 if profile in ("auto", "tail") else 0.0),
-        tail_fraction_sigma=np.full(n, np.nan), tail_scale=np.full(n, 3.0),
+        tail_fraction=(given_tail[0] if given_tail is not None
+                       else np.full(n, 0.05 if profile in ("auto", "tail") else 0.0)),
+        tail_fraction_sigma=np.full(n, np.nan),
+        tail_scale=given_tail[1] if given_tail is not None else np.full(n, 3.0),
         tail_scale_sigma=np.full(n, np.nan))
     loop = _GlobalLoop(shoeboxes, objective, options, crystals, n_threads, progress, chunk_size,
                        refine_R0=given_R0 is None, refine_k=given_k is None,
-                       refine_f=given_f is None, R0_prior=R0_prior)
+                       refine_f=given_f is None and objective == "factored",
+                       refine_tail=given_tail is None and objective == "factored",
+                       R0_prior=R0_prior)
     results = loop.run(profile, max_global)
     results.package_version = __version__
     return results
@@ -317,7 +334,7 @@ class _GlobalLoop:
     followed by the per-crystal steps from the images' summed contributions."""
 
     def __init__(self, shoeboxes, objective, options, crystals, n_threads, progress, chunk_size,
-                 *, refine_R0, refine_k, refine_f, R0_prior):
+                 *, refine_R0, refine_k, refine_f, refine_tail, R0_prior):
         self.shoeboxes = shoeboxes
         self.objective = objective
         self.options = dict(options)
@@ -326,6 +343,7 @@ class _GlobalLoop:
         self.progress = progress
         self.chunk = chunk_size or 64 * max(1, n_threads)
         self.refine_R0, self.refine_k, self.refine_f = refine_R0, refine_k, refine_f
+        self.refine_tail = refine_tail
         self.R0_prior = R0_prior
         _, self.image_crystal = shoeboxes.crystal_index
         self.reflection_crystal = self.image_crystal[shoeboxes.reflections.image_id]
@@ -366,7 +384,9 @@ class _GlobalLoop:
         return results
 
     def run(self, profile: str, max_global: int) -> Results:
-        model = "tail" if profile == "auto" else profile
+        # "auto" starts from the richest model it can refine and simplifies (choose_profile);
+        # "auto-gaussian" (the per-pixel objective) starts from the anisotropic Gaussian.
+        model = {"auto": "tail", "auto-gaussian": "anisotropic"}.get(profile, profile)
         results = None
         for round_ in range(1, max_global + 1):
             opts = self.core_options(model)
@@ -393,7 +413,8 @@ class _GlobalLoop:
         if self.refine_f:
             c.reference_error, c.reference_error_sigma = self.reference_error(results)
         r0_step = self.R0_step(results)
-        tail_step = self.tail_step(results) if model == "tail" else np.zeros((len(c.R0), 2))
+        tail_step = (self.tail_step(results) if model == "tail" and self.refine_tail
+                     else np.zeros((len(c.R0), 2)))
         settled = bool(
             np.all(np.abs(r0_step) <= np.fmax(1e-4, 0.02 * c.R0_sigma / np.maximum(c.R0, 1e-30)))
             and np.all(np.abs(c.error_scale - before["k"]) <= 2e-3 * before["k"])
@@ -502,10 +523,10 @@ class _GlobalLoop:
         """'auto': after three rounds of the tail model, keep the tail where its fraction is
         at least 3 sigma from 0 in some crystal; then keep the anisotropy where the images'
         summed Wald statistic of (a, c) rejects isotropy (p < 1e-3), else isotropic."""
-        if requested != "auto" or model == "isotropic":
+        if requested not in ("auto", "auto-gaussian") or model == "isotropic":
             return model
         if model == "tail":
-            if round_ < 3:
+            if round_ < 3 or not self.refine_tail:
                 return model
             t, sigma = self.crystals.tail_fraction, self.crystals.tail_fraction_sigma
             if np.any(t > 3 * np.nan_to_num(sigma, nan=np.inf)):
@@ -540,9 +561,8 @@ class _GlobalLoop:
         c = self.crystals
         results.crystals = c.as_dict()
         options = _options_dict(self.core_options(model))
-        options.update(profile_requested=self.options.get("profile", None), profile=model,
-                       refine_R0=self.refine_R0, R0_prior=self.R0_prior, global_rounds=self.history)
-        options.pop("profile_requested")
+        options.update(profile=model, refine_R0=self.refine_R0, R0_prior=self.R0_prior,
+                       global_rounds=self.history)
         results.options = options
         for name in GLOBAL_CONTRIBUTIONS:
             results.images.pop(name, None)

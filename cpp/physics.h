@@ -153,9 +153,9 @@ inline T debye_waller_term(const T& B, const D& d) {
 }
 
 // J_model = G * B_term * p * pol * I_ref.
-template <typename T, typename D>
-inline T intensity_model(const T& G, const T& B, const D& d, const D& partiality_value,
-                         const D& polarization, double intensity_ref) {
+template <typename T, typename D, typename P>
+inline T intensity_model(const T& G, const T& B, const D& d, const P& partiality_value,
+                         const P& polarization, double intensity_ref) {
   return G * debye_waller_term(B, d) * partiality_value * polarization * T(intensity_ref);
 }
 

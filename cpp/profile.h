@@ -114,10 +114,12 @@ T pixel_density(const U& u1, const U& u2, const double D[4], int n, const Sym2<T
 }
 
 // Sub-pixel points per axis for a spot of per-axis sd `sd_px` pixels: the Gaussian smoothing of
-// each sub-cell (matched second moment) leaves an error in R1 below 1e-4 (METHODS.md §I.4).
+// each sub-cell (matched second moment) leaves an error in the spot's second moment below
+// 2e-4, so in R1 below 1e-4 (one pixel down to 0.7 px, four points down to 0.45 px, nine
+// down to 0.3 px; METHODS.md §I.4).
 inline int subpixels_for(double sd_px) {
   if (!(sd_px > 0.0)) return 2;
-  return sd_px >= 1.5 ? 1 : sd_px >= 0.8 ? 2 : sd_px >= 0.5 ? 3 : 4;
+  return sd_px >= 0.7 ? 1 : sd_px >= 0.45 ? 2 : sd_px >= 0.3 ? 3 : 4;
 }
 
 // f and its partial derivatives in (m11, m12, m22), t, s and the centre (delta1, delta2), by hand

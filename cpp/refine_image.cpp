@@ -195,6 +195,7 @@ class ImageRefinement {
   void compute_covariance(bool final = false);
   void correct_reference_bias(const Matrix& H, const Matrix& term1_jacobian);
   void regeometrize(const ImageParameters& at);
+  bool geometry_moved() const;
   double initial_G() const;
   void diagnostics();
   int decide_status(bool converged) const;
@@ -211,9 +212,11 @@ class ImageRefinement {
 
   ImageWork work_;
   ImageParameters held_;
+  ImageParameters geometry_at_;  // the geometry the pixels' eps_t were computed at
   bool has_reference_ = false, scale_fit_ = false;
   bool solver_failed_ = false, converged_ = false, not_refined_ = false;
   double G_floor_ = 0.0;  // G's lower bound, once bounds were needed
+  std::vector<double> step_history_;  // the largest step of each pass (sigmas)
   int iterations_ = 0, n_outer_ = 0, status_ = kNotConverged;
   double cost_ = kNaN;
   double chi2_pixel_ = kNaN, chi2_intensity_ = kNaN, chi2_shape_ = kNaN, chi2_position_ = kNaN;
@@ -234,6 +237,7 @@ void ImageRefinement::start() {
   setup_image(set_, image_, options_, work_);
   held_ = starting_parameters(set_, image_, options_, out_);
   update_geometry(work_, held_);
+  geometry_at_ = held_;
   initialise_reflections(work_, options_);
   for (ReflectionFit& rf : work_.reflections) {  // warm start of the per-reflection state
     const double* delta = out_.centre_offset + 2 * rf.row;
@@ -275,6 +279,7 @@ double ImageRefinement::initial_G() const {
 
 void ImageRefinement::pass(const ImageParameters& at, bool scale_known) {
   fit_reflections(work_, at, options_, scale_known);
+  if (geometry_) linearise_geometry(work_, at);
   update_terms(at);
 }
 
@@ -385,7 +390,7 @@ void ImageRefinement::build_problem(std::vector<ResidualLabel>* labels) {
     }
     if (geometry_) {
       problem.AddResidualBlock(new ceres::AutoDiffCostFunction<IntensityGeometryResidual, 1, 1, 1, 3>(
-                                   new IntensityGeometryResidual(&work_, &rf, held_.R0, held_.eta)),
+                                   new IntensityGeometryResidual(&rf)),
                                nullptr, &x_.G, &x_.B, x_.omega);
     } else {
       problem.AddResidualBlock(new ceres::AutoDiffCostFunction<IntensityResidual, 1, 1, 1>(
@@ -402,7 +407,7 @@ void ImageRefinement::build_problem(std::vector<ResidualLabel>* labels) {
     label(kShapeTerm, rf.row, n_shape_);
     if (geometry_) {
       problem.AddResidualBlock(new ceres::AutoDiffCostFunction<PositionResidual, 2, 3, 1>(
-                                   new PositionResidual(&work_, &rf, whitening_[r].data())),
+                                   new PositionResidual(&rf, whitening_[r].data())),
                                nullptr, x_.omega, &x_.shift);
       label(kPositionTerm, rf.row, 2);
     }
@@ -479,9 +484,19 @@ bool ImageRefinement::solve(ImageParameters& result) {
   return true;
 }
 
+// Whether the held geometry moved since the pixels' eps_t were computed (by more than moves a
+// spot by ~1e-4 px: 1e-7 rad, 1e-5 mm).
+bool ImageRefinement::geometry_moved() const {
+  double moved = std::abs(held_.detector_shift - geometry_at_.detector_shift) / 1e-5;
+  for (int a = 0; a < 3; ++a)
+    moved = std::max(moved, std::abs(held_.rotation[a] - geometry_at_.rotation[a]) / 1e-7);
+  return moved > 1.0;
+}
+
 // Geometry moved: predictions and eps_t again, each spot's centre kept where it was on the
 // detector (delta re-expressed about the new prediction).
 void ImageRefinement::regeometrize(const ImageParameters& at) {
+  geometry_at_ = at;
   std::vector<std::array<double, 2>> centres(work_.reflections.size());
   for (size_t r = 0; r < work_.reflections.size(); ++r) {
     const ReflectionFit& rf = work_.reflections[r];
@@ -785,7 +800,7 @@ void ImageRefinement::run() {
   int outlier_changes = 0;
   std::vector<bool> previous_use;
   for (int outer = 0;; ++outer) {
-    if (outer > 0 && geometry_) regeometrize(held_);
+    if (outer > 0 && geometry_ && geometry_moved()) regeometrize(held_);
     pass(held_, /*scale_known=*/true);
     n_outer_ = outer + 1;
     std::vector<bool> use;
@@ -826,9 +841,14 @@ void ImageRefinement::run() {
       std::fprintf(stderr, " centre %.3f outliers %d usable %d\n", work_.centre_moving, n_out, int(previous_use.size()));
     }
     ImageParameters damped = next;
-    // A step that reverses the previous one (a two-state alternation), or any step after the
-    // fourth pass (a longer cycle: the centres and the geometry trading), is halved.
-    if (!settled && (reversal < 0.0 || outer >= 4)) {
+    // A step that reverses the previous one (a two-state alternation), or one no smaller than
+    // two passes before (a longer cycle: the centres and the geometry trading), is halved.
+    double largest = 0.0;
+    for (double v : step) largest = std::max(largest, std::abs(v));
+    const bool stalled = step_history_.size() >= 2 &&
+                         largest > 0.7 * step_history_[step_history_.size() - 2];
+    step_history_.push_back(largest);
+    if (!settled && (reversal < 0.0 || (outer >= 4 && stalled))) {
       damped.G = 0.5 * (held_.G + next.G);
       damped.B = 0.5 * (held_.B + next.B);
       for (int s = 0; s < n_shape_; ++s) damped.phi[s] = 0.5 * (held_.phi[s] + next.phi[s]);

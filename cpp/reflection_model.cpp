@@ -3,14 +3,16 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <stdexcept>
 
 #include <Eigen/Dense>
 
 namespace pixelrefine {
 namespace {
 
-using Matrix = Eigen::MatrixXd;
-using Vector = Eigen::VectorXd;
+// Every matrix of a local fit is at most 12 x 12 (the Gram layout): bounded, so no heap allocation.
+using Matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, 0, 12, 12>;
+using Vector = Eigen::Matrix<double, Eigen::Dynamic, 1, 0, 12, 1>;
 
 // 2x2 helpers on (11, 12, 22) storage.
 Eigen::Matrix2d sym(const double s[3]) {
@@ -123,7 +125,40 @@ struct PixelRows {
   std::vector<double> weight, background;
 };
 
-// First loop: the profile, its derivatives and the weights of every used pixel, and the
+// The weighted Gram matrix sum_p w_p z_p z_p' of the rows (w = 0: a pixel left out), with the
+// row length Z known at compile time (unrolled; Z = 5..12 covers every layout).
+template <int Z>
+void accumulate_fixed(const PixelRows& rows, int64_t n, Matrix& gram) {
+  double sum[Z][Z] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const double w = rows.weight[j];
+    if (w == 0.0) continue;
+    const double* z = &rows.z[size_t(j) * Z];
+    for (int r = 0; r < Z; ++r) {
+      const double wz = w * z[r];
+      for (int c = r; c < Z; ++c) sum[r][c] += wz * z[c];
+    }
+  }
+  gram.resize(Z, Z);
+  for (int r = 0; r < Z; ++r)
+    for (int c = r; c < Z; ++c) gram(r, c) = gram(c, r) = sum[r][c];
+}
+
+void accumulate_rows(const PixelRows& rows, int64_t n, int size, Matrix& gram) {
+  switch (size) {
+    case 5: return accumulate_fixed<5>(rows, n, gram);
+    case 6: return accumulate_fixed<6>(rows, n, gram);
+    case 7: return accumulate_fixed<7>(rows, n, gram);
+    case 8: return accumulate_fixed<8>(rows, n, gram);
+    case 9: return accumulate_fixed<9>(rows, n, gram);
+    case 10: return accumulate_fixed<10>(rows, n, gram);
+    case 11: return accumulate_fixed<11>(rows, n, gram);
+    case 12: return accumulate_fixed<12>(rows, n, gram);
+    default: throw std::logic_error("Gram layout of unexpected size");
+  }
+}
+
+// First loop: the profile, its derivatives and the weights of every used pixel; then the
 // weighted Gram matrix of z.
 void accumulate_gram(const ImageWork& w, const ReflectionFit& rf, const GramLayout& L,
                      const PrecisionWithDerivatives& pd, const ImageParameters& params,
@@ -167,15 +202,10 @@ void accumulate_gram(const ImageWork& w, const ReflectionFit& rf, const GramLayo
     if (!w.used[i]) continue;
     const double v = std::max(std::max(bg, 0.0) + rf.amplitude_expected * z[0] + w.read_noise_sq[i],
                               options.variance_floor);
-    const double weight = 1.0 / v;
-    rows.weight[j] = weight;
+    rows.weight[j] = 1.0 / v;
     p_sum += z[0];
-    for (int r = 0; r < L.size; ++r) {
-      const double wz = weight * z[r];
-      for (int c = r; c < L.size; ++c) gram(r, c) += wz * z[c];
-    }
   }
-  gram.triangularView<Eigen::StrictlyLower>() = gram.transpose().triangularView<Eigen::StrictlyLower>();
+  accumulate_rows(rows, n, L.size, gram);
 }
 
 // The centre's score and information from the profile at a known centre (without the
@@ -906,6 +936,35 @@ void initial_shape(const ImageWork& work, double phi[kMaxShape]) {
   const double scale = l > 1e-8 ? l / std::sinh(l) : 1.0;
   phi[kShapeA] = 0.5 * (n11 - n22) * scale;
   phi[kShapeC] = n12 * scale;
+}
+
+void linearise_geometry(ImageWork& work, const ImageParameters& params) {
+  using Jet4 = ceres::Jet<double, 4>;
+  Jet4 omega[3];
+  for (int a = 0; a < 3; ++a) omega[a] = Jet4(params.rotation[a], a);
+  const Jet4 shift(params.detector_shift, 3);
+  for (ReflectionFit& rf : work.reflections) {
+    if (rf.pixel_end == rf.pixel_begin || (rf.flags & kBadPrediction)) continue;
+    const Prediction<Jet4> pred = predict(work.A, rf.hkl, work.wavelength,
+                                          work.polarization_fraction, *rf.panel, omega, shift);
+    GeometryLinearisation& l = rf.geometry_linearisation;
+    std::copy(params.rotation, params.rotation + 3, l.omega);
+    l.shift = params.detector_shift;
+    l.excitation_error = pred.excitation_error.a;
+    l.polarization = pred.polarization.a;
+    for (int a = 0; a < 3; ++a) {
+      l.excitation_error_gradient[a] = pred.excitation_error.v[a];
+      l.polarization_gradient[a] = pred.polarization.v[a];
+    }
+    l.x = pred.x.a;
+    l.y = pred.y.a;
+    for (int a = 0; a < 4; ++a) {
+      l.x_gradient[a] = pred.x.v[a];
+      l.y_gradient[a] = pred.y.v[a];
+    }
+    l.width_sq = partiality_width_sq(params.R0, params.eta, rf.pred.d, work.wavelength,
+                                     work.bandwidth);
+  }
 }
 
 double model_intensity(const ReflectionFit& rf, const ImageParameters& params) {

@@ -130,6 +130,17 @@ struct ReflectionStatistics {
   bool shape_ok = false;
 };
 
+// The excitation error, the polarisation (Term 1) and the predicted centre (Term 3) to first
+// order in the geometry (omega, detector shift) about the held one, and R0_eff^2 (d does not
+// change with a rotation). Re-linearised at every pass; exact at the solution.
+struct GeometryLinearisation {
+  double omega[3] = {0, 0, 0}, shift = 0.0;
+  double excitation_error = 0.0, excitation_error_gradient[3] = {0, 0, 0};
+  double polarization = 1.0, polarization_gradient[3] = {0, 0, 0};
+  double width_sq = 1.0;
+  double x = 0.0, y = 0.0, x_gradient[4] = {0, 0, 0, 0}, y_gradient[4] = {0, 0, 0, 0};
+};
+
 // Per-reflection state. Pixel-level arrays live in ImageWork, in [pixel_begin, pixel_end).
 struct ReflectionFit {
   int64_t row = 0;
@@ -150,6 +161,7 @@ struct ReflectionFit {
   double a_mean = kNaN;         // mean pixel area on the sphere over the valid pixels
   double pixel_jacobian[4] = {1, 0, 0, 1};  // D = d eps / d (x, y) at c_pred, row-major (A^-1/px)
   double pixel_smoothing[3] = {0, 0, 0};    // D D'/(6 n^2): a sub-cell's own width in Sigma
+  GeometryLinearisation geometry_linearisation;
 
   // Held: the centre delta (A^-1, (e1, e2)), its posterior covariance S (11, 12, 22), the
   // background and the amplitude of the weights, and the last pass's statistics.
@@ -223,6 +235,9 @@ void fit_reflections(ImageWork& work, const ImageParameters& params, const Refin
 // (the same P the pass used; for the model counts and the per-pixel objective).
 double reflection_profile(const ImageWork& work, const ReflectionFit& rf, const double* phi,
                           int64_t pixel);
+
+// The geometry linearisation of every reflection at the given parameters (Terms 1 and 3).
+void linearise_geometry(ImageWork& work, const ImageParameters& params);
 
 // J_model = G B_term p pol I_ref of one reflection at the given scale (held geometry).
 double model_intensity(const ReflectionFit& rf, const ImageParameters& params);

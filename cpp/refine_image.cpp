@@ -194,6 +194,7 @@ class ImageRefinement {
   Matrix information_at_solution(Matrix* term1_jacobian, std::vector<double>* term1_residuals);
   void compute_covariance(bool final = false);
   void correct_reference_bias(const Matrix& H, const Matrix& term1_jacobian);
+  std::vector<double> reference_error_weights() const;
   void regeometrize(const ImageParameters& at);
   bool geometry_moved() const;
   double initial_G() const;
@@ -312,15 +313,20 @@ void ImageRefinement::update_terms(const ImageParameters& at) {
       continue;
     }
     const double j_model = model_intensity(rf, at);
-    rf.sigma_intensity = std::sqrt(k * k * rf.stats.J_variance + f * f * j_model * j_model);
+    rf.sigma_intensity = std::sqrt(k * k * model_J_variance(rf.stats, j_model) + f * f * j_model * j_model);
     if (!(rf.sigma_intensity > 0.0) || !std::isfinite(rf.sigma_intensity) || !std::isfinite(j_model))
       continue;
     rf.intensity_residual = (rf.stats.J - j_model) / rf.sigma_intensity;
     // Re-decided every pass, with hysteresis (out above outlier_sigma, back in below 0.8 of
-    // it) so that the decisions settle.
-    const double limit = (rf.flags & kOutlier ? 0.8 : 1.0) * options_.outlier_sigma;
+    // it) so that the decisions settle; one that still goes out and in again (a reflection
+    // the image's geometry fits when it is in and misses when it is out) stays out.
+    const bool was_out = rf.flags & kOutlier;
+    const double limit = (was_out ? 0.8 : 1.0) * options_.outlier_sigma;
+    const bool out = rf.outlier_switches >= 3 ||
+                     (options_.outlier_sigma > 0.0 && std::abs(rf.intensity_residual) > limit);
+    rf.outlier_switches += out != was_out;
     rf.flags &= ~kOutlier;
-    if (options_.outlier_sigma > 0.0 && std::abs(rf.intensity_residual) > limit) {
+    if (out) {
       rf.flags |= kOutlier;
       continue;
     }
@@ -641,9 +647,6 @@ void ImageRefinement::compute_covariance(bool final) {
   const Matrix D = -Htt.ldlt().solve(Jt.transpose() * Js);
   const Matrix Css = covariance_.block(2, 2, n_shape_, n_shape_);
   const Matrix add = D * Css * D.transpose(), cross = D * Css;
-  if (std::getenv("PIXELREFINE_DEBUG"))
-    std::fprintf(stderr, "image %ld var_G %.3e propagated %.3e D %.3e C_R1 %.3e\n", long(image_),
-                 covariance_(0, 0), add(0, 0), D(0, 0), Css(0, 0));
   for (int a = 0; a < nt; ++a) {
     for (int b = 0; b < nt; ++b) covariance_(scale_idx[a], scale_idx[b]) += add(a, b);
     for (int s = 0; s < n_shape_; ++s) {
@@ -655,12 +658,58 @@ void ImageRefinement::compute_covariance(bool final) {
   if (final) correct_reference_bias(H, term1_jacobian);
 }
 
-// The scale's second-order bias from the reference's own error, removed. With a classical
-// multiplicative error (I_ref = I_true (1 + e), E e = 0, E e^2 = f^2) the estimating equation
-// sum dJm/dtheta (J - Jm)/s^2 = 0 has expectation sum Jm dJm/dtheta f^2 (2 q - 1)/s^2 at the
-// true theta, q = f^2 Jm^2 / s^2 the reference's share of the variance: a ratio estimate
-// (q = 1) is biased by +f^2, a regression on a noisy regressor (q = 0) by -f^2. The bias
-// H^-1 sum ... is subtracted from G, B (and the rotation) (METHODS.md §I.10).
+// The scale's bias from the reference's own error, removed. With a multiplicative error
+// I_ref = I_true (1 + e), E e = 0, E e^2 = f^2, the estimating equation
+// sum dJm/dtheta (J - Jm)/s^2 = 0 (Jm = J0 (1 + e), s^2 = a + f^2 Jm^2) has at the true theta the
+// expectation sum_h J0 dJ0/dtheta m_h, m_h = E_e[-e (1 + e)/(a + f^2 J0^2 (1 + e)^2)]: to second
+// order f^2 (2q - 1)/s^2 with q = f^2 Jm^2/s^2 the reference's share of the variance (a ratio
+// estimate, q = 1, is biased by +f^2, a regression on the noisy reference, q = 0, by -f^2).
+// m_h by 16-point Gauss-Hermite quadrature over a lognormal e (mean 0, variance f^2: exact for
+// the skewed positive error a multiplicative reference error is; the second-order form left
+// +2 % of G at f = 0.3). The bias H^-1 sum ... is subtracted from G, B (and the rotation)
+// (METHODS.md §I.10).
+double reference_error_expectation(double j_model, double a, double f) {
+  static const std::vector<std::pair<double, double>> nodes = [] {
+    // Gauss-Hermite (physicists') nodes and weights for n = 16, for E over z ~ N(0, 1):
+    // E g(z) = sum w_i g(sqrt(2) x_i) / sqrt(pi).
+    const double x[8] = {0.2734810461381525, 0.8229514491446559, 1.3802585391988808,
+                         1.9517879909162540, 2.5462021578474814, 3.1769991619799560,
+                         3.8694479048601227, 4.6887389393058184};
+    const double w[8] = {5.079294790166137e-1, 2.806474585285337e-1, 8.381004139898583e-2,
+                         1.288031153550997e-2, 9.322840086241805e-4, 2.711860092537882e-5,
+                         2.320980844865211e-7, 2.654807474011182e-10};
+    std::vector<std::pair<double, double>> out;
+    for (int i = 0; i < 8; ++i)
+      for (int sign : {-1, 1}) out.emplace_back(sign * std::sqrt(2.0) * x[i], w[i] / std::sqrt(kPi));
+    return out;
+  }();
+  const double sigma = std::sqrt(std::log1p(f * f));
+  double sum = 0.0;
+  for (const auto& [z, weight] : nodes) {
+    const double e = std::exp(sigma * z - 0.5 * sigma * sigma) - 1.0;
+    sum += weight * (-e * (1.0 + e)) / (a + f * f * j_model * j_model * (1.0 + e) * (1.0 + e));
+  }
+  return sum;
+}
+
+// Per Term 1 row t: w_t = sigma_1 J_model m_t, so that the expectation of the cost's gradient
+// under the reference's error is sum_t (d r1_t / d theta) w_t for any parameter theta (0 where
+// there is no multiplicative error to speak of: f = 0, or J_model <= 0).
+std::vector<double> ImageRefinement::reference_error_weights() const {
+  std::vector<double> w(term1_rows_.size(), 0.0);
+  const double f = held_.reference_error, k2 = held_.error_scale * held_.error_scale;
+  if (!(f > 0.0) || !options_.reference_bias_correction) return w;
+  for (size_t t = 0; t < term1_rows_.size(); ++t) {
+    const ReflectionFit& rf = *term1_rows_[t];
+    if (!rf.use_intensity) continue;
+    const double j_model = model_intensity(rf, held_);
+    if (!(j_model > 0.0)) continue;
+    w[t] = rf.sigma_intensity * j_model *
+           reference_error_expectation(j_model, k2 * model_J_variance(rf.stats, j_model), f);
+  }
+  return w;
+}
+
 void ImageRefinement::correct_reference_bias(const Matrix& H, const Matrix& term1_jacobian) {
   const double f = held_.reference_error;
   if (!(f > 0.0) || !options_.reference_bias_correction || !scale_fit_) return;
@@ -670,16 +719,11 @@ void ImageRefinement::correct_reference_bias(const Matrix& H, const Matrix& term
   if (geometry_)
     for (int a = 2 + n_shape_; a < 5 + n_shape_; ++a) idx.push_back(a);
   const int n = int(idx.size());
+  // E[psi] = -E[J' r]: the estimating equation's expectation at the true parameters.
+  const std::vector<double> w = reference_error_weights();
   Vector expectation = Vector::Zero(n);
-  for (size_t t = 0; t < term1_rows_.size(); ++t) {
-    const ReflectionFit& rf = *term1_rows_[t];
-    if (!rf.use_intensity) continue;
-    const double j_model = model_intensity(rf, held_), s = rf.sigma_intensity;
-    const double q = f * f * j_model * j_model / (s * s);
-    // dJm/dtheta = -s * (d r1 / d theta).
-    for (int a = 0; a < n; ++a)
-      expectation(a) += -term1_jacobian(t, idx[a]) * j_model * f * f * (2.0 * q - 1.0) / s;
-  }
+  for (size_t t = 0; t < term1_rows_.size(); ++t)
+    for (int a = 0; a < n; ++a) expectation(a) -= term1_jacobian(t, idx[a]) * w[t];
   Matrix Hs(n, n);
   for (int a = 0; a < n; ++a)
     for (int b = 0; b < n; ++b) Hs(a, b) = H(idx[a], idx[b]);
@@ -734,10 +778,15 @@ void ImageRefinement::global_contributions(const Matrix& term1_jacobian,
       const double centre = options_.G_prior[set_.crystal_index[i]];
       if (centre > 0.0) Htt(0, 0) += 1.0 / std::pow(options_.sigma_G * centre, 2);
     }
-    const Vector HtR = Jt.transpose() * JR, gt = Jt.transpose() * r;
+    // The reference's own error biases the gradient as it does the scale (§I.10): its
+    // expectation, E[J_R' r] - H_Rt H_tt^-1 E[J_t' r] with E[J' r] = sum_t J_t w_t, removed.
+    std::vector<double> w = reference_error_weights();
+    Vector expected_r = Vector::Zero(Eigen::Index(term1_rows_.size()));
+    for (size_t t = 0; t < term1_rows_.size(); ++t) expected_r(t) = w[t];
+    const Vector HtR = Jt.transpose() * JR, gt = Jt.transpose() * (r - expected_r);
     Eigen::LDLT<Matrix> ldlt(Htt);
     out_.R0_curvature[i] = JR.squaredNorm() - HtR.dot(ldlt.solve(HtR));
-    out_.R0_gradient[i] = JR.dot(r) - HtR.dot(ldlt.solve(gt));
+    out_.R0_gradient[i] = JR.dot(r - expected_r) - HtR.dot(ldlt.solve(gt));
   }
   // Tail: cost 1/2 sum |z - J U dphi|^2 / k^2 extended by (t, s); reduced over phi.
   if (work_.profile_model == ProfileModel::kTail) {
@@ -833,13 +882,6 @@ void ImageRefinement::run() {
     }
     // The spots' centres settle too: at most 1 % still moving by more than their sd.
     settled = settled && work_.centre_moving <= 0.01;
-    if (std::getenv("PIXELREFINE_DEBUG")) {
-      int n_out = 0;
-      for (uint8_t u : work_.used) n_out += !u;
-      std::fprintf(stderr, "image %ld outer %d steps", long(image_), outer);
-      for (int c = 0; c < k_; ++c) std::fprintf(stderr, " %.3f", step[c]);
-      std::fprintf(stderr, " centre %.3f outliers %d usable %d\n", work_.centre_moving, n_out, int(previous_use.size()));
-    }
     ImageParameters damped = next;
     // A step that reverses the previous one (a two-state alternation), or one no smaller than
     // two passes before (a longer cycle: the centres and the geometry trading), is halved.

@@ -446,6 +446,27 @@ bool mark_outlier_pixels(ImageWork& w, const ReflectionFit& rf, const std::vecto
   return any;
 }
 
+// d var J / d J_m. With J held at J_m the background is beta~ = beta^ + c (J_m - J^),
+// c = (N^-1)_{beta,J} / (N^-1)_{JJ}, uncorrelated with J^; the weights w_p = 1/v_p at beta~ give
+// var J = e0' N^-1 e0 + sum_p w_p^2 dbg_p (x_p' u)^2 to first order (u = N^-1 e0,
+// dbg_p = (J_m - J^) c' x_p,beta), so the slope is sum_p w_p^2 (c' x_p,beta) (x_p' u)^2 over the
+// pixels whose variance follows the background (bg > 0).
+double J_variance_slope(const PixelRows& rows, const GramLayout& L, const Matrix& N_inverse) {
+  const int nx = L.n_x;
+  if (nx < 2 || !(N_inverse(0, 0) > 0.0)) return 0.0;
+  const Vector u = N_inverse.col(0);
+  const Vector c = N_inverse.col(0).tail(nx - 1) / N_inverse(0, 0);
+  double slope = 0.0;
+  for (size_t j = 0; j < rows.weight.size(); ++j) {
+    const double weight = rows.weight[j];
+    if (!(weight > 0.0) || !(rows.background[j] > 0.0)) continue;
+    const Eigen::Map<const Vector> x(&rows.z[j * L.size], nx);
+    const double xu = x.dot(u);
+    slope += weight * weight * c.dot(x.tail(nx - 1)) * xu * xu;
+  }
+  return std::isfinite(slope) ? slope : 0.0;
+}
+
 void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const PixelRows& rows,
                   const RefineOptions& options, double error_scale, const SpotRegion& region,
                   const Matrix& N_inverse) {
@@ -481,6 +502,7 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
       st.dof_background += std::max(1.0 - leverage, 0.0);
     }
   }
+  st.J_variance_slope = J_variance_slope(rows, L, N_inverse);
   const bool any = options.pixel_outlier_sigma > 0.0 &&
                    mark_outlier_pixels(w, rf, z, region, options.pixel_outlier_sigma);
   if (any) rf.flags |= kPixelOutliers; else rf.flags &= ~kPixelOutliers;
@@ -970,6 +992,16 @@ void linearise_geometry(ImageWork& work, const ImageParameters& params) {
 double model_intensity(const ReflectionFit& rf, const ImageParameters& params) {
   return intensity_model(params.G, params.B, rf.pred.d, rf.partiality, rf.pred.polarization,
                          rf.intensity_ref);
+}
+
+double model_J_variance(const ReflectionStatistics& st, double j_model) {
+  if (!std::isfinite(j_model)) return st.J_variance;
+  // First order in J_m - J, which is a few sd at most for the spots the model describes; an
+  // outlier's variance is not drawn further (nor its residual compressed).
+  const double limit = 3.0 * std::sqrt(st.J_variance);
+  const double shift = std::min(std::max(j_model - st.J, -limit), limit);
+  const double v = st.J_variance + st.J_variance_slope * shift;
+  return std::min(std::max(v, 0.5 * st.J_variance), 2.0 * st.J_variance);
 }
 
 void fit_reflections(ImageWork& work, const ImageParameters& params, const RefineOptions& options,

@@ -104,6 +104,9 @@ struct ImageParameters {
 // Everything one pass over a reflection's pixels yields (at held image-level parameters).
 struct ReflectionStatistics {
   double J = kNaN, J_variance = kNaN;  // amplitude and its counting variance (k = 1)
+  // d var J / d J_m: the counting variance with the weights at the background the fit gives
+  // when J is held at J_m is J_variance + J_variance_slope (J_m - J) (METHODS.md §I.10).
+  double J_variance_slope = 0.0;
   double background[3] = {kNaN, 0.0, 0.0};  // b, and the plane's slopes per normalised pixel
   double profile_fraction = 0.0;       // sum of P over the valid pixels used
   double chi2 = 0.0;                   // sum w e^2 over the pixels used (k = 1)
@@ -177,6 +180,7 @@ struct ReflectionFit {
   // Term 1, held within a solve.
   double sigma_intensity = kNaN;  // sqrt(k^2 var J + (f J_model)^2)
   double intensity_residual = 0.0;
+  int outlier_switches = 0;       // times Term 1's outlier decision changed (out for good at 3)
   bool use_intensity = false;     // Term 1 active
   bool use_shape = false;         // Term 2 active
   bool use_position = false;      // Term 3 active
@@ -241,5 +245,10 @@ void linearise_geometry(ImageWork& work, const ImageParameters& params);
 
 // J_model = G B_term p pol I_ref of one reflection at the given scale (held geometry).
 double model_intensity(const ReflectionFit& rf, const ImageParameters& params);
+
+// The counting variance of J at the background consistent with J = j_model (k = 1): Term 1's,
+// uncorrelated with J's own error (METHODS.md §I.10); J_m - J taken within 3 sd, the result
+// within [0.5, 2] of J_variance.
+double model_J_variance(const ReflectionStatistics& st, double j_model);
 
 }  // namespace pixelrefine

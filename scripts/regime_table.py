@@ -3,6 +3,7 @@ factored (default) and the per-pixel objective, nothing given but the file. The 
 cannot refine R0 or the tail: it is given the factored run's R0, profile model and tail.
 
     .venv/bin/python scripts/regime_table.py [--images N] [--regimes a,b,...] [--json out.json]
+    .venv/bin/python scripts/regime_table.py --markdown docs/regime_table.json   # METHODS §I.15
 """
 
 from __future__ import annotations
@@ -67,6 +68,32 @@ def fmt(v, digits=3):
     return "—" if v is None or not np.isfinite(v) else f"{v:.{digits}g}"
 
 
+def markdown(table: dict) -> str:
+    """METHODS.md's table from a JSON written by --json."""
+    head = ("| regime | objective | images | status 0 | G bias (σ) | G pull sd | R1 bias (σ) | "
+            "R1 pull sd | J eff. | J bias | J pull sd | I pull sd | R0 (fit/true − 1, σ) |")
+    lines = [head, "|" + "---|" * 13]
+    for name, row in table.items():
+        for objective in ("factored", "pixel"):
+            rec = row.get(objective)
+            if rec is None:
+                continue
+            images = rec.get("images", 0)
+            ok = rec["status"].get("0", rec["status"].get(0, 0))
+            if name == "no_reference":
+                ok = rec["status"].get("6", rec["status"].get(6, 0))
+            fit, sigma, true = (np.asarray(rec["R0"][k], float) for k in ("fit", "sigma", "true"))
+            r0 = (f"{100 * np.max(np.abs(fit / true - 1)):.2f} %, "
+                  f"{np.max(np.abs(fit - true) / sigma):.1f}" if np.all(np.isfinite(sigma)) else "given")
+            lines.append(
+                f"| {name} | {objective} | {images} | {ok} | {fmt(rec['G']['bias_over_sigma'], 2)} | "
+                f"{fmt(rec['G']['pull_sd'], 2)} | {fmt(rec['R1']['bias_over_sigma'], 2)} | "
+                f"{fmt(rec['R1']['pull_sd'], 2)} | {fmt(rec['J']['efficiency'], 3)} | "
+                f"{100 * rec['J']['relative_bias']:+.2f} % | {fmt(rec['J']['pull_sd'], 2)} | "
+                f"{fmt(rec['intensity_scaled']['pull_sd'], 2)} | {r0} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=20)
@@ -77,7 +104,12 @@ def main() -> None:
     parser.add_argument("--pixel-images", type=int, default=20,
                         help="images of each set the (slow) per-pixel baseline refines")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", default=None, help="print the table of a --json file")
     args = parser.parse_args()
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return
     table = {}
     for name in args.regimes.split(","):
         table[name] = run(name, args.images, args.seed, args.threads, args.objectives.split(","),

@@ -438,3 +438,20 @@ def test_image_without_reflections_and_empty_set(small_set):
                             pr.Reflections(empty, np.zeros((0, 3)), empty, np.zeros((0, 4)), empty),
                             pr.Pixels(empty, empty))
     assert pr.refine(nothing, R0=R0).n_images == 0
+
+
+def test_G_prior_is_relative_to_the_scale_found(small_set):
+    """sigma_G gives a prior centred on each crystal's median G after the first round, so it
+    works on any scale of I_ref: with a reference 1e-4 of the other, G scales by 1e4 and a
+    tight prior pulls every image's G towards the median of the same images."""
+    refl = small_set.reflections
+    scaled = pr.ShoeboxSet(small_set.detector, small_set.images,
+                           pr.Reflections(refl.image_id, refl.miller_index, refl.intensity_ref * 1e-4,
+                                          refl.bbox, refl.pixel_offset), small_set.pixels)
+    kw = dict(R0=R0, profile="isotropic", error_scale=1.0, reference_error=0.05)
+    free = pr.refine(scaled, **kw)
+    tight = pr.refine(scaled, sigma_G=1e-4, **kw)
+    centre = np.median(free.images["G"])
+    assert np.all(np.abs(tight.images["G"] / centre - 1) < 0.01)
+    assert np.std(free.images["G"]) > 20 * np.std(tight.images["G"])
+    assert tight.options["G_prior"][0] == pytest.approx(centre, rel=0.02)

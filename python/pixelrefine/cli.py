@@ -79,7 +79,8 @@ def simulate(output, n_images, seed, max_reflections, reference_error, R0, compr
 @click.option("--eta", type=float, default=0.0, show_default=True, help="Mosaic spread η (rad), given.")
 @click.option("--threads", default=os.cpu_count() or 1, show_default=True)
 @click.option("--sigma-G", "sigma_G", type=float, default=None,
-              help="Prior on G, relative to the scale found: G ~ N(Ĝ, (σ_G Ĝ)²).")
+              help="Prior on G, relative to the scale found (each crystal's median G after the "
+                   "first round): G ~ N(Ĝ, (σ_G Ĝ)²).")
 @click.option("--refine-geometry/--no-refine-geometry", default=None,
               help="Refine rotation and detector shift (Term 3); default: on for the factored "
                    "objective.")

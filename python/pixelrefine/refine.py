@@ -345,13 +345,28 @@ class _GlobalLoop:
         self.refine_R0, self.refine_k, self.refine_f = refine_R0, refine_k, refine_f
         self.refine_tail = refine_tail
         self.R0_prior = R0_prior
+        self.G_prior = None
         _, self.image_crystal = shoeboxes.crystal_index
         self.reflection_crystal = self.image_crystal[shoeboxes.reflections.image_id]
         self.history: list[dict[str, Any]] = []
 
     def core_options(self, profile: str) -> "_core.RefineOptions":
+        options = dict(self.options)
+        if self.G_prior is not None and "G_prior" not in options:
+            options["G_prior"] = list(map(float, self.G_prior))
         return refine_options(objective=self.objective, profile=profile,
-                              **self.crystals.core_options(), **self.options)
+                              **self.crystals.core_options(), **options)
+
+    def scale_found(self, results: Results) -> None:
+        """The centre of the G prior (when sigma_G is finite and no G_prior is given): each
+        crystal's median G of its scaled images after the first round — the prior is relative
+        to the scale the data show, whatever the units of I_ref, not to 1."""
+        if not np.isfinite(float(self.options.get("sigma_G", np.inf))) or "G_prior" in self.options:
+            return
+        G = results.images["G"]
+        self.G_prior = np.array([np.nanmedian(G[self.image_crystal == c])
+                                 if np.isfinite(G[self.image_crystal == c]).any() else 0.0
+                                 for c in range(len(self.crystals.R0))])
 
     def refine_images(self, opts, results: Results, label: str) -> None:
         n = self.shoeboxes.n_images
@@ -392,7 +407,11 @@ class _GlobalLoop:
             opts = self.core_options(model)
             results = self.allocate(opts, results)
             self.refine_images(opts, results, f"refine ({self.objective}, round {round_})")
+            first_prior = self.G_prior is None
+            self.scale_found(results)
             changes = self.step(results, model)
+            if first_prior and self.G_prior is not None:
+                changes["settled"] = False  # the prior is on from the next round
             self.history.append({"round": round_, "profile": model, **changes})
             chosen = self.choose_profile(results, profile, model, round_)
             if chosen != model:
@@ -494,12 +513,29 @@ class _GlobalLoop:
         c.R0 = c.R0 * np.exp(step)
         return step
 
+    def tail_scale_limit(self, results: Results) -> np.ndarray:
+        """The widest tail a crystal's boxes can tell from their background: its scale s times
+        the core's sd no more than half the boxes' median half-side (a wider tail is flat over
+        the box, the background's double), within [1.5, 20]."""
+        half = 0.5 * np.median(self.shoeboxes.reflections.shoebox_shape, axis=1)
+        sd = results.images["spot_sd"]
+        limits = np.full(len(self.crystals.R0), 20.0)
+        for c in range(len(limits)):
+            images = np.flatnonzero(self.image_crystal == c)
+            rows = np.isin(self.shoeboxes.reflections.image_id, images)
+            core = np.nanmedian(sd[images]) if np.isfinite(sd[images]).any() else np.nan
+            if rows.any() and np.isfinite(core) and core > 0:
+                limits[c] = np.clip(0.5 * np.median(half[rows]) / core, 1.5, 20.0)
+        return limits
+
     def tail_step(self, results: Results) -> np.ndarray:
-        """Newton step on the tail's (t, s) per crystal, within t ∈ [0, 0.9], s ∈ [1.2, 20]."""
+        """Newton step on the tail's (t, s) per crystal, within t ∈ [0, 0.9] and s between 1.2
+        and ``tail_scale_limit`` (steps clipped at 0.2 and 1.5)."""
         c = self.crystals
         g = self.crystal_sum(results.images["tail_gradient"])
         h = self.crystal_sum(results.images["tail_curvature"])
         steps = np.zeros((len(c.R0), 2))
+        widest = self.tail_scale_limit(results)
         for i in range(len(c.R0)):
             H = np.array([[h[i, 0], h[i, 1]], [h[i, 1], h[i, 2]]])
             if not (H[0, 0] > 0):
@@ -512,7 +548,7 @@ class _GlobalLoop:
                 cov = np.array([[1.0 / H[0, 0], 0.0], [0.0, np.nan]])
             step = np.clip(step, [-0.2, -1.5], [0.2, 1.5])
             t_new = float(np.clip(c.tail_fraction[i] + step[0], 0.0, 0.9))
-            s_new = float(np.clip(c.tail_scale[i] + step[1], 1.2, 20.0))
+            s_new = float(np.clip(c.tail_scale[i] + step[1], 1.2, widest[i]))
             steps[i] = [t_new - c.tail_fraction[i], s_new - c.tail_scale[i]]
             c.tail_fraction[i], c.tail_scale[i] = t_new, s_new
             c.tail_fraction_sigma[i] = math.sqrt(cov[0, 0])

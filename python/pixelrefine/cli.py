@@ -1,4 +1,4 @@
-"""The ``pixelrefine`` command: simulate, refine, report, demo."""
+"""The ``pixelrefine`` command: simulate, refine, report, demo; import-dials, export-mtz, merge."""
 
 from __future__ import annotations
 
@@ -133,6 +133,53 @@ def report(results_file, shoebox_file, per_image):
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     click.echo(format_report(results, shoeboxes, per_image=per_image))
+
+
+@main.command("import-dials")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--gain", type=float, default=None, metavar="ADU_PER_PHOTON",
+              help="Detector gain for every panel (DIALS often says 1 for data in ADU). Default: "
+                   "the panels' gain in the .expt.")
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Reference intensities: an MTZ (intensities, or amplitudes squared) or a PDB / "
+                   "mmCIF model (|Fcalc|² to the data's resolution).")
+@click.option("--reference-column", default=None, help="The MTZ column to take (default: the "
+              "first intensity, else the first amplitude).")
+@click.option("--space-group", default=None, metavar="SG",
+              help="Space group, overriding the .expt's (DIALS 3.12 may store the lattice's "
+                   "holohedry, e.g. P 6/m m m for a P 61 2 2 crystal).")
+@click.option("--read-noise", type=float, default=0.0, show_default=True,
+              help="rms read noise (photons) of every panel.")
+@click.option("--bandwidth", type=float, default=0.0, show_default=True,
+              help="rms relative bandwidth σλ/λ of the beam (DIALS does not record it).")
+@click.option("--parallax", type=click.Choice(["fit", "none"]), default="fit", show_default=True,
+              help="fit: move each parallax-corrected panel by the mean absorption depth that "
+                   "reproduces DIALS's correction; none: leave it out (the cost is printed).")
+@click.option("--compression", type=click.Choice([c for c in COMPRESSION if c]), default="gzip",
+              show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT.h5 if it exists.")
+def import_dials_command(files, gain, reference, reference_column, space_group, read_noise,
+                         bandwidth, parallax, compression, overwrite):
+    """Translate DIALS integrated stills into a shoebox file:
+    EXPT REFL [EXPT REFL ...] OUT.h5 (.expt experiment lists, .refl tables with shoeboxes)."""
+    from .dials import DialsFormatError, import_dials
+
+    if len(files) < 3 or len(files) % 2 == 0:
+        raise click.UsageError("give EXPT REFL pairs and then OUT.h5 (an odd number of files, "
+                               f"at least 3; got {len(files)})")
+    *inputs, output = files
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise click.ClickException(f"{path}: no such file")
+    pairs = list(zip(inputs[0::2], inputs[1::2]))
+    try:
+        summary = import_dials(pairs, output, gain=gain, reference=reference,
+                               reference_column=reference_column, space_group=space_group,
+                               read_noise=read_noise, bandwidth=bandwidth, parallax=parallax,
+                               compression=compression, overwrite=overwrite)
+    except (DialsFormatError, ValueError, FileExistsError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(summary.text())
 
 
 @main.command()

@@ -7,6 +7,7 @@ import sys
 import time
 
 import click
+import numpy as np
 
 from .io import COMPRESSION, check_output_path, read_results, read_shoeboxes, write_results, write_shoeboxes
 from .refine import refine as refine_set
@@ -180,6 +181,90 @@ def import_dials_command(files, gain, reference, reference_column, space_group, 
     except (DialsFormatError, ValueError, FileExistsError, OSError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(summary.text())
+
+
+def _results_and_tables(results_file: str, shoebox_file: str | None):
+    """The results and the shoebox file they came from (``input_file``) or the one named."""
+    from .io import read_tables
+
+    results = read_results(results_file)
+    source = shoebox_file or results.input_file
+    if not source:
+        raise ValueError(f"{results_file}: does not say which shoebox file it came from; pass "
+                         "--shoeboxes")
+    if not os.path.isfile(source):
+        raise ValueError(f"{results_file}: its shoebox file {source} is not there; pass "
+                         "--shoeboxes")
+    return results, read_tables(source)
+
+
+@main.command("export-mtz")
+@click.argument("results_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--shoeboxes", "shoebox_file", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="The shoebox file the results came from (default: the one the "
+              "results file names).")
+@click.option("--space-group", default=None, metavar="SG", help="Instead of the shoebox file's.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def export_mtz(results_file, output, shoebox_file, space_group, overwrite):
+    """Write the unmerged intensities of RESULTS_FILE as an MTZ (as DIALS's export: H K L
+    M/ISYM BATCH I SIGI IPR SIGIPR FRACTIONCALC XDET YDET BG, one batch per image)."""
+    from .mtz import write_unmerged_mtz
+
+    try:
+        check_output_path(output, overwrite=overwrite, inputs=(results_file, shoebox_file))
+        results, tables = _results_and_tables(results_file, shoebox_file)
+        mtz = write_unmerged_mtz(output, results, tables, space_group=space_group)
+    except (ValueError, FileExistsError, OSError, RuntimeError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {output}: {mtz.nreflections} observations, {len(mtz.batches)} batches, "
+               f"{mtz.spacegroup.xhm()}, cell {' '.join(f'{v:.3f}' for v in mtz.cell.parameters)}")
+
+
+@main.command("merge")
+@click.argument("results_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--shoeboxes", "shoebox_file", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="The shoebox file the results came from (default: the one the "
+              "results file names).")
+@click.option("--space-group", default=None, metavar="SG", help="Instead of the shoebox file's.")
+@click.option("--d-min", type=float, default=None, help="High-resolution limit (Å).")
+@click.option("--shells", "n_shells", type=int, default=10, show_default=True,
+              help="Resolution shells (equal volume in reciprocal space).")
+@click.option("--reject-sigma", type=float, default=6.0, show_default=True,
+              help="Reject an observation this many σ from the weighted mean of the others "
+                   "(two passes); 'inf' keeps all.")
+@click.option("--hkl", "hkl_file", type=click.Path(dir_okay=False), default=None,
+              help="Also write CrystFEL's reflection list (.hkl).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
+              help="Where the statistics go as JSON (default: OUTPUT with .json).")
+@click.option("--overwrite", is_flag=True, help="Replace the outputs if they exist.")
+def merge(results_file, output, shoebox_file, space_group, d_min, n_shells, reject_sigma,
+          hkl_file, json_file, overwrite):
+    """Merge RESULTS_FILE's intensity_scaled per unique reflection into a merged MTZ (IMEAN
+    SIGIMEAN N), with CC½, Rsplit, completeness, multiplicity and <I/σ> per shell."""
+    import json as json_module
+
+    from .merge import merge_results, write_crystfel_hkl, write_merged_mtz
+
+    json_file = json_file or os.path.splitext(output)[0] + ".json"
+    try:
+        inputs = (results_file, shoebox_file)
+        for path in filter(None, (output, hkl_file, json_file)):
+            check_output_path(path, overwrite=overwrite, inputs=inputs)
+        results, tables = _results_and_tables(results_file, shoebox_file)
+        merged = merge_results(results, tables, space_group=space_group, d_min=d_min,
+                               n_shells=n_shells, reject_sigma=reject_sigma)
+        write_merged_mtz(output, merged, wavelength=float(np.mean(tables.images["wavelength"])),
+                         history=f"pixelrefine merge {os.path.basename(results_file)}")
+        if hkl_file:
+            write_crystfel_hkl(hkl_file, merged)
+        with open(json_file, "w") as handle:
+            json_module.dump(merged.as_dict(), handle, indent=1)
+    except (ValueError, FileExistsError, OSError, RuntimeError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(merged.table())
+    click.echo(f"wrote {output}" + (f", {hkl_file}" if hkl_file else "") + f", {json_file}")
 
 
 @main.command()

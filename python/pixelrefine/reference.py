@@ -102,10 +102,10 @@ def reference_from_mtz(path: str, space_group: gemmi.SpaceGroup, *,
         raise ValueError(f"{path}: an unmerged MTZ ({len(mtz.batches)} batches); give merged "
                          "intensities or amplitudes")
     columns = {c.label: c for c in mtz.columns}
-    hkl = np.asarray(mtz.make_miller_array(), np.int32)
+    hkl = np.ascontiguousarray(mtz.make_miller_array(), np.int32)
 
     def values(label: str) -> np.ndarray:
-        return np.asarray(columns[label].array, float)
+        return np.ascontiguousarray(columns[label].array, float)
 
     if column is not None:
         if column not in columns:
@@ -170,8 +170,8 @@ def reference_from_model(path: str, space_group: gemmi.SpaceGroup, d_min: float,
     calc.put_model_density_on_grid(structure[0])
     grid = gemmi.transform_map_to_f_phi(calc.grid)
     asu = grid.prepare_asu_data(dmin=d_min, unblur=calc.blur)
-    hkl = np.asarray(asu.miller_array, np.int32)
-    f2 = np.abs(np.asarray(asu.value_array)) ** 2
+    hkl = np.ascontiguousarray(asu.miller_array, np.int32)  # gemmi's views are strided
+    f2 = np.abs(np.ascontiguousarray(asu.value_array)) ** 2
     if model_group.number != space_group.number:
         # expand to P1 in the model's symmetry, then onto the data's ASU
         hkl, f2 = _expand(hkl, f2, model_group)

@@ -142,9 +142,11 @@ def _keys(hkl: np.ndarray) -> np.ndarray:
 
 def _reject(group: np.ndarray, intensity: np.ndarray, sigma: np.ndarray, threshold: float,
             passes: int) -> np.ndarray:
-    """Keep-mask after leave-one-out rejection: in a group of ≥ 3 kept observations, drop
-    those with |I_i − Ī_(−i)| > threshold·√(σ_i² + σ²(Ī_(−i))), Ī_(−i) the weighted mean of
-    the others; ``passes`` times (stopping when nothing moves)."""
+    """Keep-mask after leave-one-out rejection. In each pass, in every group of ≥ 3 kept
+    observations, the observation with the largest |z_i|, z_i = (I_i − Ī_(−i)) /
+    √(σ_i² + σ²(Ī_(−i))) with Ī_(−i) the weighted mean of the others, is rejected when
+    |z_i| > threshold (one per group and pass: an outlier inflates the others' z too);
+    ``passes`` passes, stopping when nothing moves."""
     keep = np.ones(len(group), bool)
     if not np.isfinite(threshold) or len(group) == 0:
         return keep
@@ -158,11 +160,14 @@ def _reject(group: np.ndarray, intensity: np.ndarray, sigma: np.ndarray, thresho
         others_w = sum_w[group] - w
         with np.errstate(divide="ignore", invalid="ignore"):
             mean_others = (sum_wi[group] - w * intensity) / others_w
-            z = (intensity - mean_others) / np.sqrt(sigma**2 + 1.0 / others_w)
-        reject = keep & (count[group] >= 3) & (np.abs(z) > threshold)
-        if not reject.any():
+            z = np.abs(intensity - mean_others) / np.sqrt(sigma**2 + 1.0 / others_w)
+        z = np.where(keep & (count[group] >= 3) & np.isfinite(z), z, -1.0)
+        order = np.lexsort((-z, group))          # per group, the largest |z| first
+        first = order[np.r_[True, group[order][1:] != group[order][:-1]]]
+        reject = first[z[first] > threshold]
+        if reject.size == 0:
             break
-        keep &= ~reject
+        keep[reject] = False
     return keep
 
 

@@ -216,3 +216,49 @@ def test_space_group_override_and_cli(tmp_path, small_set):
     r = runner.invoke(main, ["import-dials", str(tmp_path / "s.expt"), str(tmp_path / "s.refl"),
                              str(tmp_path / "o.h5")])
     assert r.exit_code != 0 and "--overwrite" in r.output and "Traceback" not in r.output
+
+
+def test_large_tables_are_read_in_bounded_memory(tmp_path):
+    """A 44 MB table of 10 stills: the import's peak (traced) memory is a few images' worth,
+    not the table's (the table is read in place; counts are written image by image)."""
+    import tracemalloc
+
+    n_images, per_image, side = 10, 1200, 20
+    detector = pr.Detector.single_panel(100.0, (500.0, 500.0), 0.1, (1000, 1000))
+    s = pr.simulate(n_images, seed=1, detector=detector, max_reflections=5)
+    write_dials(s, tmp_path / "big.expt", tmp_path / "small.refl", extra_rows=False)
+    n = n_images * per_image
+    rng = np.random.default_rng(0)
+    record = np.dtype([("panel", "<u4"), ("bbox", "<i4", 6), ("flag", "u1"),
+                       ("data", "<f4", side * side), ("mask", "u1", side * side),
+                       ("background", "<f4", side * side)])
+    records = np.zeros(n, record)
+    x0 = rng.integers(0, 1000 - side, n)
+    y0 = rng.integers(0, 1000 - side, n)
+    records["bbox"] = np.column_stack([x0, x0 + side, y0, y0 + side, np.zeros(n), np.ones(n)])
+    records["flag"] = 2
+    records["data"] = rng.poisson(3.0, (n, side * side))
+    records["mask"] = 1 | 2
+    hkl = np.column_stack([rng.integers(1, 30, n), rng.integers(-30, 30, n), rng.integers(-15, 15, n)])
+    ids = np.repeat(np.arange(n_images), per_image)
+    identifiers = json.loads((tmp_path / "big.expt").read_text())["experiment"]
+    table = ["dials::af::reflection_table", 2,
+             {"identifiers": {i: e["identifier"] for i, e in enumerate(identifiers)}, "nrows": n,
+              "data": {"miller_index": ["cctbx::miller::index<>", [n, hkl.astype("<i4").tobytes()]],
+                       "id": ["int", [n, ids.astype("<i4").tobytes()]],
+                       "shoebox": ["Shoebox<>", [n, records.tobytes()]]}}]
+    (tmp_path / "big.refl").write_bytes(msgpack.packb(table, use_bin_type=True))
+    del records, table
+    size = (tmp_path / "big.refl").stat().st_size
+    assert size > 40e6
+    tracemalloc.start()
+    summary = import_dials([(tmp_path / "big.expt", tmp_path / "big.refl")], tmp_path / "big.h5",
+                           compression=None)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert summary.n_reflections == n and summary.n_pixels == n * side * side
+    one_image = per_image * side * side * 5  # its counts (f4) and masks (u1)
+    print(f"table {size / 1e6:.1f} MB, one image {one_image / 1e6:.1f} MB, peak {peak / 1e6:.1f} MB")
+    assert peak < 0.15 * size and peak < 3 * one_image, (peak, size)
+    back = read_experiments(tmp_path / "big.expt")[0]
+    assert len(back) == n_images

@@ -126,14 +126,51 @@ def refine(input_file, output, R0, R0_prior, objective, profile, background, err
               default=None, help="The input file: adds model-vs-observed shoebox metrics (χ², "
               "PSNR, SSIM) and, when it has /truth, the recovery of the simulated parameters.")
 @click.option("--per-image", is_flag=True, help="Also one row per image.")
-def report(results_file, shoebox_file, per_image):
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), default=None,
+              help="Also write a self-contained HTML page with figures (G, B, R1 per image, R0, "
+                   "Wilson plot, χ² per shell, pulls against /truth, CC½ and completeness).")
+@click.option("--space-group", default=None, metavar="SG",
+              help="For the HTML page's merge, instead of the shoebox file's.")
+@click.option("--overwrite", is_flag=True, help="Replace the HTML file if it exists.")
+def report(results_file, shoebox_file, per_image, html_file, space_group, overwrite):
     """Print a summary of a results file: parameters and their spread over images."""
     try:
+        if html_file:
+            check_output_path(html_file, overwrite=overwrite, inputs=(results_file, shoebox_file))
         results = read_results(results_file)
         shoeboxes = read_shoeboxes(shoebox_file) if shoebox_file else None
-    except ValueError as error:
+    except (ValueError, FileExistsError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(format_report(results, shoeboxes, per_image=per_image))
+    if html_file:
+        _write_html(html_file, results, results_file, shoebox_file, space_group)
+
+
+def _write_html(html_file, results, results_file, shoebox_file, space_group):
+    from .io import read_tables
+    from .merge import merge_results
+    from .report_html import write_html_report
+
+    tables, merged, note = None, None, ""
+    source = shoebox_file or results.input_file
+    if source and os.path.isfile(source):
+        try:
+            tables = read_tables(source)
+        except ValueError as error:
+            note = str(error)
+    else:
+        note = f"the shoebox file {source!r} is not there (pass --shoeboxes)"
+    if tables is not None:
+        try:
+            merged = merge_results(results, tables, space_group=space_group)
+        except ValueError as error:
+            note = str(error)
+    try:
+        write_html_report(html_file, results, tables, merge=merged, merge_note=note,
+                          title=f"pixelrefine report: {os.path.basename(results_file)}")
+    except OSError as error:
+        raise click.ClickException(f"{html_file}: {error}") from None
+    click.echo(f"wrote {html_file}")
 
 
 @main.command("import-dials")

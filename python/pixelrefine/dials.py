@@ -786,6 +786,7 @@ def import_dials(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
     R = dials_to_lab_rotation(direction)
     n_panels = len(detector)
     panel_gain = np.array([gain if gain is not None else p.gain for p in detector])
+    inverse_gain = (1.0 / panel_gain).astype(np.float32)  # counts stay float32
     summary.n_panels, summary.gain = n_panels, panel_gain.tolist()
 
     # Symmetry: the override, else the experiments' (all the same).
@@ -846,26 +847,32 @@ def import_dials(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
                     image_id = len(images["wavelength"])
                     rows = np.flatnonzero(experiment_of == k)
                     rows = rows[_selectable(rows, index, hkl, summary.skipped)]
-                    counts, masks, bbox, offsets, kept = [], [], [], [], []
-                    for row in rows:
-                        p = detector[index.panel[row]]
-                        x0, x1, y0, y1 = (int(v) for v in index.bbox[row, :4])
-                        cx0, cx1 = max(x0, 0), min(x1, p.size[0])
-                        cy0, cy1 = max(y0, 0), min(y1, p.size[1])
-                        if cx1 <= cx0 or cy1 <= cy0:
-                            why = "boxes wholly outside their panel"
-                            summary.skipped[why] = summary.skipped.get(why, 0) + 1
-                            continue
-                        data, mask = table.shoebox(index, row)
-                        block = (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
-                        counts.append((data[block] / panel_gain[index.panel[row]]).reshape(-1))
-                        masks.append(_valid_mask(mask[block]).reshape(-1))
-                        bbox.append((cx0, cx1, cy0, cy1))
-                        offsets.append(n_pixels)
-                        n_pixels += counts[-1].size
-                        kept.append(row)
-                    kept = np.asarray(kept, np.int64)
+                    # boxes clipped to their panel (DIALS's may reach past its edges)
+                    box = index.bbox[rows, :4]
+                    size = np.array([detector[k].size for k in index.panel[rows]]).reshape(-1, 2)
+                    clipped = np.column_stack([np.maximum(box[:, 0], 0), np.minimum(box[:, 1], size[:, 0]),
+                                               np.maximum(box[:, 2], 0), np.minimum(box[:, 3], size[:, 1])])
+                    inside = (clipped[:, 1] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 2])
+                    if not inside.all():
+                        why = "boxes wholly outside their panel"
+                        summary.skipped[why] = summary.skipped.get(why, 0) + int((~inside).sum())
+                    kept, box, clipped = rows[inside], box[inside], clipped[inside]
                     m = len(kept)
+                    npix = (clipped[:, 1] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 2])
+                    starts = np.concatenate([[0], np.cumsum(npix)]).astype(np.int64)
+                    counts = np.empty(int(starts[-1]), np.float32)
+                    masks = np.empty(int(starts[-1]), np.uint8)
+                    for j, row in enumerate(kept):
+                        data, mask = table.shoebox(index, row)
+                        x0, _, y0, _ = box[j]
+                        cx0, cx1, cy0, cy1 = clipped[j]
+                        block = (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
+                        target = slice(starts[j], starts[j + 1])
+                        np.multiply(data[block].reshape(-1), inverse_gain[index.panel[row]],
+                                    out=counts[target])
+                        masks[target] = _valid_mask(mask[block]).reshape(-1)
+                    bbox, offsets = clipped, n_pixels + starts[:-1]
+                    n_pixels += int(starts[-1])
                     out["image_id"].append(np.full(m, image_id, np.int32))
                     out["panel"].append(index.panel[kept].astype(np.int16))
                     out["miller_index"].append(hkl[kept].astype(np.int32))
@@ -873,9 +880,9 @@ def import_dials(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
                     out["pixel_offset"].append(np.asarray(offsets, np.int64))
                     out["dials_row"].append(kept)
                     out["dials_flags"].append(flags[kept])
-                    if counts:
-                        out["counts"].append(np.concatenate(counts).astype(np.float32))
-                        out["mask"].append(np.concatenate(masks))
+                    out["counts"].append(counts)
+                    out["mask"].append(masks)
+                    del counts, masks
                     hkl_all.append(hkl[kept].astype(np.int32))
                     A_dials = np.linalg.inv(e.real_space)  # rows a, b, c → columns a*, b*, c*
                     A = R @ A_dials

@@ -262,3 +262,42 @@ def test_large_tables_are_read_in_bounded_memory(tmp_path):
     assert peak < 0.15 * size and peak < 3 * one_image, (peak, size)
     back = read_experiments(tmp_path / "big.expt")[0]
     assert len(back) == n_images
+
+
+def test_dials_to_mtz_on_the_command_line(tmp_path):
+    """The README's path: DIALS files → import-dials (with an MTZ reference) → refine →
+    export-mtz → merge → report --html."""
+    import gemmi
+
+    s = pr.simulate(6, seed=8, max_reflections=120)
+    write_dials(s, tmp_path / "a.expt", tmp_path / "a.refl", images=[0, 1, 2], gain=2.0)
+    write_dials(s, tmp_path / "b.expt", tmp_path / "b.refl", images=[3, 4, 5], gain=2.0, seed=3)
+    hkl, first = np.unique(s.reflections.miller_index, axis=0, return_index=True)
+    mtz = gemmi.Mtz(with_base=True)
+    mtz.spacegroup = gemmi.SpaceGroup("P 1")
+    mtz.set_cell_for_all(gemmi.UnitCell(*s.unit_cell))
+    mtz.add_dataset("ref").wavelength = 1.3
+    mtz.add_column("I", "J")
+    mtz.set_data(np.column_stack([hkl, s.reflections.intensity_ref[first]]).astype(np.float32))
+    mtz.write_to_file(str(tmp_path / "ref.mtz"))
+    runner = CliRunner()
+
+    def run(*args):
+        result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    out = run("import-dials", tmp_path / "a.expt", tmp_path / "a.refl", tmp_path / "b.expt",
+              tmp_path / "b.refl", tmp_path / "stills.h5", "--gain", 2.0, "--reference",
+              tmp_path / "ref.mtz")
+    assert "6 images" in out and "reference ref.mtz I" in out
+    run("refine", tmp_path / "stills.h5", tmp_path / "results.h5", "--threads", 2, "--no-progress")
+    run("export-mtz", tmp_path / "results.h5", tmp_path / "unmerged.mtz")
+    out = run("merge", tmp_path / "results.h5", tmp_path / "merged.mtz", "--shells", 3)
+    assert "overall" in out
+    unmerged = gemmi.read_mtz_file(str(tmp_path / "unmerged.mtz"))
+    merged = gemmi.read_mtz_file(str(tmp_path / "merged.mtz"))
+    assert len(unmerged.batches) == 6 and unmerged.nreflections > 500
+    assert merged.nreflections > 300
+    run("report", tmp_path / "results.h5", "--html", tmp_path / "report.html")
+    assert "merge-shells" in (tmp_path / "report.html").read_text(encoding="utf-8")

@@ -849,7 +849,7 @@ def import_dials(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
                     rows = rows[_selectable(rows, index, hkl, summary.skipped)]
                     # boxes clipped to their panel (DIALS's may reach past its edges)
                     box = index.bbox[rows, :4]
-                    size = np.array([detector[k].size for k in index.panel[rows]]).reshape(-1, 2)
+                    size = np.array([detector[p].size for p in index.panel[rows]]).reshape(-1, 2)
                     clipped = np.column_stack([np.maximum(box[:, 0], 0), np.minimum(box[:, 1], size[:, 0]),
                                                np.maximum(box[:, 2], 0), np.minimum(box[:, 3], size[:, 1])])
                     inside = (clipped[:, 1] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 2])

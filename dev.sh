@@ -4,7 +4,7 @@
 # package when its C++ or build files changed, then runs the command. Each set-up step prints
 # one line; its output goes to .dev-setup.log. Quick when everything is already done.
 #   ./dev.sh demo     simulate the default dataset, refine it, report   (the main job)
-#   ./dev.sh test     the test suite
+#   ./dev.sh test     the test suite (also installs Debian's chromium for the HTML-report test)
 #   ./dev.sh bench    the benchmarks
 #   ./dev.sh setup    set-up only
 #   ./dev.sh run ...  any command inside the environment, e.g. ./dev.sh run pixelrefine --help
@@ -56,21 +56,36 @@ done
 command -v ninja >/dev/null || missing+=(ninja-build)
 python_is_usable || missing+=(python3 python3-venv python3-dev)
 
-if [ ${#missing[@]} -gt 0 ]; then
+apt_updated=0
+apt_install() {  # apt_install WHY PACKAGE...: as root (or sudo -n), apt-get update once per run
+  local why=$1 SUDO=""
+  shift
   command -v apt-get >/dev/null ||
-    die "missing ${missing[*]}, and this machine has no apt-get: install Ceres 2.1 and Eigen 3.4 (development files), CMake >= 3.15, Ninja, g++ and Python >= 3.10 with venv and headers, then run again"
-  SUDO=""
+    die "missing $*, and this machine has no apt-get: $why"
   if [ "$(id -u)" -ne 0 ]; then
     sudo -n true 2>/dev/null ||
-      die "missing ${missing[*]}: run ./dev.sh as root, or first: sudo apt-get install ${missing[*]}"
+      die "missing $*: run ./dev.sh as root, or first: sudo apt-get install $*"
     SUDO="sudo -n"
   fi
   export DEBIAN_FRONTEND=noninteractive
-  step "apt-get update" $SUDO apt-get update -q
-  step "apt-get install ${missing[*]} (a few minutes on a fresh machine)" \
-    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  if [ "$apt_updated" -eq 0 ]; then
+    step "apt-get update" $SUDO apt-get update -q
+    apt_updated=1
+  fi
+  step "apt-get install $* (a few minutes on a fresh machine)" \
+    $SUDO apt-get install -y -q --no-install-recommends "$@"
+}
+
+if [ ${#missing[@]} -gt 0 ]; then
+  apt_install "install Ceres 2.1 and Eigen 3.4 (development files), CMake >= 3.15, Ninja, g++ and Python >= 3.10 with venv and headers, then run again" "${missing[@]}"
   python_is_usable || die "python3 still lacks venv or its headers after apt-get install"
 fi
+
+# The tests load the HTML report in headless Chromium (Debian's package); only `test` needs it.
+ensure_chromium() {
+  command -v chromium >/dev/null || command -v chromium-headless-shell >/dev/null ||
+    apt_install "install Chromium (the report test renders the HTML page headless), then run again" chromium
+}
 
 # --- virtual environment and build ------------------------------------------------------
 if ! "$VENV/bin/python" -c '' 2>/dev/null; then
@@ -94,7 +109,7 @@ cmd=${1:-demo}; shift || true
 case "$cmd" in
   setup) ;;
   demo) exec pixelrefine demo "$@" ;;
-  test) exec "$PY" -m pytest tests "$@" ;;
+  test) ensure_chromium; exec "$PY" -m pytest tests "$@" ;;
   bench) exec "$PY" -m pytest benchmarks --benchmark-only "$@" ;;
   run) exec "$@" ;;
   *) die "usage: ./dev.sh {demo|test|bench|setup|run CMD...}" ;;

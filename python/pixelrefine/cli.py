@@ -1,4 +1,4 @@
-"""The ``pixelrefine`` command: simulate, refine, report, demo."""
+"""The ``pixelrefine`` command: simulate, refine, report, demo; import-dials, export-mtz, merge."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 import time
 
 import click
+import numpy as np
 
 from .io import COMPRESSION, check_output_path, read_results, read_shoeboxes, write_results, write_shoeboxes
 from .refine import refine as refine_set
@@ -126,14 +127,182 @@ def refine(input_file, output, R0, R0_prior, objective, profile, background, err
               default=None, help="The input file: adds model-vs-observed shoebox metrics (χ², "
               "PSNR, SSIM) and, when it has /truth, the recovery of the simulated parameters.")
 @click.option("--per-image", is_flag=True, help="Also one row per image.")
-def report(results_file, shoebox_file, per_image):
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), default=None,
+              help="Also write a self-contained HTML page with figures (G, B, R1 per image, R0, "
+                   "Wilson plot, χ² per shell, pulls against /truth, CC½ and completeness).")
+@click.option("--space-group", default=None, metavar="SG",
+              help="For the HTML page's merge, instead of the shoebox file's.")
+@click.option("--overwrite", is_flag=True, help="Replace the HTML file if it exists.")
+def report(results_file, shoebox_file, per_image, html_file, space_group, overwrite):
     """Print a summary of a results file: parameters and their spread over images."""
     try:
+        if html_file:
+            check_output_path(html_file, overwrite=overwrite, inputs=(results_file, shoebox_file))
         results = read_results(results_file)
         shoeboxes = read_shoeboxes(shoebox_file) if shoebox_file else None
-    except ValueError as error:
+    except (ValueError, FileExistsError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(format_report(results, shoeboxes, per_image=per_image))
+    if html_file:
+        _write_html(html_file, results, results_file, shoebox_file, space_group)
+
+
+def _write_html(html_file, results, results_file, shoebox_file, space_group):
+    from .io import read_tables
+    from .merge import merge_results
+    from .report_html import write_html_report
+
+    tables, merged, note = None, None, ""
+    source = shoebox_file or results.input_file
+    if source and os.path.isfile(source):
+        try:
+            tables = read_tables(source)
+        except ValueError as error:
+            note = str(error)
+    else:
+        note = f"the shoebox file {source!r} is not there (pass --shoeboxes)"
+    if tables is not None:
+        try:
+            merged = merge_results(results, tables, space_group=space_group)
+        except ValueError as error:
+            note = str(error)
+    try:
+        write_html_report(html_file, results, tables, merge=merged, merge_note=note,
+                          title=f"pixelrefine report: {os.path.basename(results_file)}")
+    except OSError as error:
+        raise click.ClickException(f"{html_file}: {error}") from None
+    click.echo(f"wrote {html_file}")
+
+
+@main.command("import-dials")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--gain", type=float, default=None, metavar="ADU_PER_PHOTON",
+              help="Detector gain for every panel (DIALS often says 1 for data in ADU). Default: "
+                   "the panels' gain in the .expt.")
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Reference intensities: an MTZ (intensities, or amplitudes squared) or a PDB / "
+                   "mmCIF model (|Fcalc|² to the data's resolution).")
+@click.option("--reference-column", default=None, help="The MTZ column to take (default: the "
+              "first intensity, else the first amplitude).")
+@click.option("--space-group", default=None, metavar="SG",
+              help="Space group, overriding the .expt's (DIALS 3.12 may store the lattice's "
+                   "holohedry, e.g. P 6/m m m for a P 61 2 2 crystal).")
+@click.option("--read-noise", type=float, default=0.0, show_default=True,
+              help="rms read noise (photons) of every panel.")
+@click.option("--bandwidth", type=float, default=0.0, show_default=True,
+              help="rms relative bandwidth σλ/λ of the beam (DIALS does not record it).")
+@click.option("--parallax", type=click.Choice(["fit", "none"]), default="fit", show_default=True,
+              help="fit: move each parallax-corrected panel by the mean absorption depth that "
+                   "reproduces DIALS's correction; none: leave it out (the cost is printed).")
+@click.option("--compression", type=click.Choice([c for c in COMPRESSION if c]), default="gzip",
+              show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT.h5 if it exists.")
+def import_dials_command(files, gain, reference, reference_column, space_group, read_noise,
+                         bandwidth, parallax, compression, overwrite):
+    """Translate DIALS integrated stills into a shoebox file:
+    EXPT REFL [EXPT REFL ...] OUT.h5 (.expt experiment lists, .refl tables with shoeboxes)."""
+    from .dials import DialsFormatError, import_dials
+
+    if len(files) < 3 or len(files) % 2 == 0:
+        raise click.UsageError("give EXPT REFL pairs and then OUT.h5 (an odd number of files, "
+                               f"at least 3; got {len(files)})")
+    *inputs, output = files
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise click.ClickException(f"{path}: no such file")
+    pairs = list(zip(inputs[0::2], inputs[1::2]))
+    try:
+        summary = import_dials(pairs, output, gain=gain, reference=reference,
+                               reference_column=reference_column, space_group=space_group,
+                               read_noise=read_noise, bandwidth=bandwidth, parallax=parallax,
+                               compression=compression, overwrite=overwrite)
+    except (DialsFormatError, ValueError, FileExistsError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(summary.text())
+
+
+def _results_and_tables(results_file: str, shoebox_file: str | None):
+    """The results and the shoebox file they came from (``input_file``) or the one named."""
+    from .io import read_tables
+
+    results = read_results(results_file)
+    source = shoebox_file or results.input_file
+    if not source:
+        raise ValueError(f"{results_file}: does not say which shoebox file it came from; pass "
+                         "--shoeboxes")
+    if not os.path.isfile(source):
+        raise ValueError(f"{results_file}: its shoebox file {source} is not there; pass "
+                         "--shoeboxes")
+    return results, read_tables(source)
+
+
+@main.command("export-mtz")
+@click.argument("results_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--shoeboxes", "shoebox_file", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="The shoebox file the results came from (default: the one the "
+              "results file names).")
+@click.option("--space-group", default=None, metavar="SG", help="Instead of the shoebox file's.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def export_mtz(results_file, output, shoebox_file, space_group, overwrite):
+    """Write the unmerged intensities of RESULTS_FILE as an MTZ (as DIALS's export: H K L
+    M/ISYM BATCH I SIGI IPR SIGIPR FRACTIONCALC XDET YDET BG, one batch per image)."""
+    from .mtz import write_unmerged_mtz
+
+    try:
+        check_output_path(output, overwrite=overwrite, inputs=(results_file, shoebox_file))
+        results, tables = _results_and_tables(results_file, shoebox_file)
+        mtz = write_unmerged_mtz(output, results, tables, space_group=space_group)
+    except (ValueError, FileExistsError, OSError, RuntimeError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {output}: {mtz.nreflections} observations, {len(mtz.batches)} batches, "
+               f"{mtz.spacegroup.xhm()}, cell {' '.join(f'{v:.3f}' for v in mtz.cell.parameters)}")
+
+
+@main.command("merge")
+@click.argument("results_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--shoeboxes", "shoebox_file", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="The shoebox file the results came from (default: the one the "
+              "results file names).")
+@click.option("--space-group", default=None, metavar="SG", help="Instead of the shoebox file's.")
+@click.option("--d-min", type=float, default=None, help="High-resolution limit (Å).")
+@click.option("--shells", "n_shells", type=int, default=10, show_default=True,
+              help="Resolution shells (equal volume in reciprocal space).")
+@click.option("--reject-sigma", type=float, default=6.0, show_default=True,
+              help="Reject an observation this many σ from the weighted mean of the others "
+                   "(two passes); 'inf' keeps all.")
+@click.option("--hkl", "hkl_file", type=click.Path(dir_okay=False), default=None,
+              help="Also write CrystFEL's reflection list (.hkl).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
+              help="Where the statistics go as JSON (default: OUTPUT with .json).")
+@click.option("--overwrite", is_flag=True, help="Replace the outputs if they exist.")
+def merge(results_file, output, shoebox_file, space_group, d_min, n_shells, reject_sigma,
+          hkl_file, json_file, overwrite):
+    """Merge RESULTS_FILE's intensity_scaled per unique reflection into a merged MTZ (IMEAN
+    SIGIMEAN N), with CC½, Rsplit, completeness, multiplicity and <I/σ> per shell."""
+    import json as json_module
+
+    from .merge import merge_results, write_crystfel_hkl, write_merged_mtz
+
+    json_file = json_file or os.path.splitext(output)[0] + ".json"
+    try:
+        inputs = (results_file, shoebox_file)
+        for path in filter(None, (output, hkl_file, json_file)):
+            check_output_path(path, overwrite=overwrite, inputs=inputs)
+        results, tables = _results_and_tables(results_file, shoebox_file)
+        merged = merge_results(results, tables, space_group=space_group, d_min=d_min,
+                               n_shells=n_shells, reject_sigma=reject_sigma)
+        write_merged_mtz(output, merged, wavelength=float(np.mean(tables.images["wavelength"])),
+                         history=f"pixelrefine merge {os.path.basename(results_file)}")
+        if hkl_file:
+            write_crystfel_hkl(hkl_file, merged)
+        with open(json_file, "w") as handle:
+            json_module.dump(merged.as_dict(), handle, indent=1)
+    except (ValueError, FileExistsError, OSError, RuntimeError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(merged.table())
+    click.echo(f"wrote {output}" + (f", {hkl_file}" if hkl_file else "") + f", {json_file}")
 
 
 @main.command()

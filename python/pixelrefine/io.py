@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 import os
 import re
 import secrets
@@ -24,7 +25,8 @@ from .refine import FLAGS, STATUS, Results
 from .shoeboxes import Detector, Images, Pixels, Reflections, ShoeboxSet, group_fields
 
 __all__ = ["ShoeboxFileError", "read_shoeboxes", "write_shoeboxes", "read_results",
-           "write_results", "check_output_path", "remove_stale_partials", "COMPRESSION"]
+           "write_results", "read_tables", "ShoeboxTables", "check_output_path",
+           "remove_stale_partials", "COMPRESSION"]
 
 SHOEBOX_FORMAT = "pixelrefine.shoeboxes"
 RESULTS_FORMAT = "pixelrefine.results"
@@ -88,6 +90,27 @@ def _check_root(path: str, f: h5py.File, expected_format: str) -> None:
     if int(np.asarray(version).reshape(-1)[0]) != FORMAT_VERSION:
         raise ShoeboxFileError(f"{path}: format_version {int(np.asarray(version).reshape(-1)[0])} "
                                f"is not supported (this reader reads {FORMAT_VERSION})")
+
+
+def _read_symmetry(path: str, f: h5py.File) -> tuple[str | None, np.ndarray | None]:
+    """The optional root attributes ``space_group`` (a symbol) and ``unit_cell`` (six floats)."""
+    space_group = f.attrs.get("space_group")
+    if space_group is not None:
+        space_group = _text(space_group).strip()
+        if not space_group:
+            raise ShoeboxFileError(f"{path}: root attribute 'space_group' is empty")
+    cell = f.attrs.get("unit_cell")
+    if cell is not None:
+        cell = np.asarray(cell)
+        if cell.dtype.kind not in "fiu" or cell.size != 6:
+            raise ShoeboxFileError(f"{path}: root attribute 'unit_cell' must be six numbers "
+                                   f"(a, b, c in Å, α, β, γ in degrees), found {cell!r}")
+        cell = cell.astype(np.float64).reshape(6)
+        if not (np.all(np.isfinite(cell)) and np.all(cell[:3] > 0)
+                and np.all((cell[3:] > 0) & (cell[3:] < 180))):
+            raise ShoeboxFileError(f"{path}: root attribute 'unit_cell' {cell.tolist()} is not a "
+                                   f"unit cell (lengths > 0, angles in (0, 180) degrees)")
+    return space_group, cell
 
 
 def _open(path: str, expected_format: str) -> h5py.File:
@@ -174,15 +197,96 @@ def read_shoeboxes(path: str | os.PathLike) -> ShoeboxSet:
                     continue
                 data[group][name] = _read_dataset(path, f, group, name, kind, shape, sizes)
         truth = _read_truth(f) if "truth" in f else None
+        space_group, unit_cell = _read_symmetry(path, f)
     try:
         shoeboxes = ShoeboxSet(detector=Detector(**data["detector"]), images=Images(**data["images"]),
                                reflections=Reflections(**data["reflections"]),
-                               pixels=Pixels(**data["pixels"]), source=path, truth=truth)
+                               pixels=Pixels(**data["pixels"]), source=path, truth=truth,
+                               space_group=space_group, unit_cell=unit_cell)
         shoeboxes.core()  # validates every value, naming dataset and row
     except ValueError as error:
         message = str(error)
         raise ShoeboxFileError(message if message.startswith(path) else f"{path}: {message}") from None
     return shoeboxes
+
+
+@dataclass
+class ShoeboxTables:
+    """A shoebox file without its pixels: what merging, export and the report need.
+
+    Attributes
+    ----------
+    detector, images, reflections : dict of str to ndarray
+        The file's groups (every dataset of ``INPUT_LAYOUT`` present, canonical dtypes).
+    space_group : str or None
+        Root attribute ``space_group``.
+    unit_cell : ndarray [6] or None
+        Root attribute ``unit_cell``.
+    truth : dict or None
+        ``/truth`` when present (simulated files).
+    source : str
+        The file's path.
+    """
+
+    detector: dict[str, np.ndarray]
+    images: dict[str, np.ndarray]
+    reflections: dict[str, np.ndarray]
+    space_group: str | None
+    unit_cell: np.ndarray | None
+    truth: dict | None
+    source: str
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images["wavelength"])
+
+
+def read_tables(path: str | os.PathLike, *, truth: bool = True) -> ShoeboxTables:
+    """Read a shoebox file's detector, images and reflections, not its pixels.
+
+    The datasets are checked as ``read_shoeboxes`` checks them (dtype kind, shape, rows, integer
+    range); the pixels are not read, so this is cheap on large files.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A ``pixelrefine.shoeboxes`` file.
+    truth : bool
+        Also read ``/truth`` when present.
+
+    Raises
+    ------
+    ShoeboxFileError
+        Naming file, dataset and first bad row.
+    """
+    path = os.fspath(path)
+    with _open(path, SHOEBOX_FORMAT) as f:
+        sizes: dict[str, int] = {}
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        for group in ("detector", "images", "reflections"):
+            if group not in f or not isinstance(f[group], h5py.Group):
+                raise ShoeboxFileError(f"{path}: missing group /{group}")
+            groups[group] = {}
+            for name, kind, shape, required in INPUT_LAYOUT[group]:
+                if name not in f[group]:
+                    if required:
+                        raise ShoeboxFileError(f"{path}: missing dataset /{group}/{name}")
+                    continue
+                value = _read_dataset(path, f, group, name, kind, shape, sizes)
+                groups[group][name] = np.ascontiguousarray(value, dtype=WRITE_DTYPES[name])
+        space_group, unit_cell = _read_symmetry(path, f)
+        truth_data = _read_truth(f) if truth and "truth" in f else None
+    n_images, n_refl = len(groups["images"]["wavelength"]), len(groups["reflections"]["image_id"])
+    groups["images"].setdefault("crystal_id", np.zeros(n_images, np.int32))
+    groups["reflections"].setdefault("panel", np.zeros(n_refl, np.int16))
+    image_id = groups["reflections"]["image_id"]
+    bad = np.flatnonzero((image_id < 0) | (image_id >= n_images))
+    if bad.size:
+        raise ShoeboxFileError(f"{path}: /reflections/image_id row {bad[0]}: {image_id[bad[0]]} is "
+                               f"not a row of /images ({n_images} rows)")
+    return ShoeboxTables(detector=groups["detector"], images=groups["images"],
+                         reflections=groups["reflections"], space_group=space_group,
+                         unit_cell=unit_cell, truth=truth_data, source=path)
 
 
 def _read_truth(f: h5py.File) -> dict:
@@ -308,6 +412,7 @@ def write_shoeboxes(path: str | os.PathLike, shoeboxes: ShoeboxSet, *, truth: di
         with h5py.File(partial, "w") as f:
             f.attrs["format"] = SHOEBOX_FORMAT
             f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+            write_symmetry(f, shoeboxes.space_group, shoeboxes.unit_cell)
             for group, obj in (("detector", shoeboxes.detector), ("images", shoeboxes.images),
                                ("reflections", shoeboxes.reflections), ("pixels", shoeboxes.pixels)):
                 g = f.create_group(group)
@@ -327,6 +432,14 @@ def write_shoeboxes(path: str | os.PathLike, shoeboxes: ShoeboxSet, *, truth: di
                             sub.attrs[name[1:]] = arr
                         else:
                             sub.create_dataset(name, data=np.asarray(arr))
+
+
+def write_symmetry(f: h5py.File, space_group: str | None, unit_cell) -> None:
+    """Write the optional root attributes ``space_group`` and ``unit_cell`` (when known)."""
+    if space_group:
+        f.attrs["space_group"] = str(space_group)
+    if unit_cell is not None:
+        f.attrs["unit_cell"] = np.asarray(unit_cell, dtype=np.float64).reshape(6)
 
 
 def write_results(path: str | os.PathLike, results: Results, *, overwrite: bool = False) -> None:

@@ -130,6 +130,10 @@ class ShoeboxSet:
         Where the set came from (a file name), used in error messages.
     truth : dict, optional
         Ground truth written by the simulator (``/truth``); never used by refinement.
+    space_group : str, optional
+        Hermann–Mauguin symbol (root attribute ``space_group``), for merging and export.
+    unit_cell : ndarray [6], optional
+        a, b, c (Å), α, β, γ (°) (root attribute ``unit_cell``), for merging and export.
     """
 
     detector: Detector
@@ -138,6 +142,8 @@ class ShoeboxSet:
     pixels: Pixels
     source: str | None = None
     truth: dict | None = None
+    space_group: str | None = None
+    unit_cell: np.ndarray | None = None
     _core_set: Any = field(default=None, repr=False, compare=False)
 
     @property

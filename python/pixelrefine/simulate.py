@@ -667,7 +667,8 @@ def simulate(n_images: int = 20, *, seed: int = 0,
     reflections = Reflections(image_id=selected["image_id"], miller_index=form["hkl"][selected["index"]],
                               intensity_ref=form["intensity_ref"][selected["index"]], bbox=bbox,
                               pixel_offset=pixels.start, panel=selected["panel"])
-    shoeboxes = ShoeboxSet(detector, images, reflections, Pixels(counts.astype(np.float32), mask))
+    shoeboxes = ShoeboxSet(detector, images, reflections, Pixels(counts.astype(np.float32), mask),
+                           space_group="P 1", unit_cell=np.asarray(cell, float))  # one I per h
     truth_images["gain"] = np.full(n_images, float(gain))
     shoeboxes.truth = {
         "images": truth_images, "global": crystals,

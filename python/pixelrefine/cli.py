@@ -236,13 +236,23 @@ def _results_and_tables(results_file: str, shoebox_file: str | None):
     return results, read_tables(source)
 
 
+def results_and_output_arguments(command):
+    """RESULTS_FILE, OUTPUT, --shoeboxes and --space-group: the arguments of the commands that
+    read a results file with its shoebox file's tables and write something new."""
+    for decorator in reversed((
+            click.argument("results_file", type=click.Path(exists=True, dir_okay=False)),
+            click.argument("output", type=click.Path(dir_okay=False)),
+            click.option("--shoeboxes", "shoebox_file", type=click.Path(exists=True, dir_okay=False),
+                         default=None, help="The shoebox file the results came from (default: "
+                         "the one the results file names)."),
+            click.option("--space-group", default=None, metavar="SG",
+                         help="Instead of the shoebox file's."))):
+        command = decorator(command)
+    return command
+
+
 @main.command("export-mtz")
-@click.argument("results_file", type=click.Path(exists=True, dir_okay=False))
-@click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--shoeboxes", "shoebox_file", type=click.Path(exists=True, dir_okay=False),
-              default=None, help="The shoebox file the results came from (default: the one the "
-              "results file names).")
-@click.option("--space-group", default=None, metavar="SG", help="Instead of the shoebox file's.")
+@results_and_output_arguments
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def export_mtz(results_file, output, shoebox_file, space_group, overwrite):
     """Write the unmerged intensities of RESULTS_FILE as an MTZ (as DIALS's export: H K L
@@ -260,12 +270,7 @@ def export_mtz(results_file, output, shoebox_file, space_group, overwrite):
 
 
 @main.command("merge")
-@click.argument("results_file", type=click.Path(exists=True, dir_okay=False))
-@click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--shoeboxes", "shoebox_file", type=click.Path(exists=True, dir_okay=False),
-              default=None, help="The shoebox file the results came from (default: the one the "
-              "results file names).")
-@click.option("--space-group", default=None, metavar="SG", help="Instead of the shoebox file's.")
+@results_and_output_arguments
 @click.option("--d-min", type=float, default=None, help="High-resolution limit (Å).")
 @click.option("--shells", "n_shells", type=int, default=10, show_default=True,
               help="Resolution shells (equal volume in reciprocal space).")

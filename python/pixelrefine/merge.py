@@ -32,8 +32,9 @@ _BIT = {name: bit for bit, name in FLAGS.items()}
 #: Reflections with any of these flags are not merged (their intensity_scaled is not usable).
 EXCLUDED_FLAGS = (_BIT["too_few_valid_pixels"] | _BIT["outlier"] | _BIT["image_not_scaled"]
                   | _BIT["bad_prediction"] | _BIT["profile_outside_box"] | _BIT["low_partiality"])
-#: Images with these statuses are not merged (3 solver failure, 7 implausible profile).
-EXCLUDED_STATUS = (3, 7)
+#: Images with these statuses are not merged (3 solver failure, 7 implausible profile, 9
+#: reference uninformative: their G is no scale).
+EXCLUDED_STATUS = (3, 7, 9)
 
 
 def unit_cell_of(tables: ShoeboxTables) -> np.ndarray:

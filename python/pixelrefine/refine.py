@@ -334,28 +334,6 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
     return results
 
 
-def _median_reference_error(squared_residual: np.ndarray, counting_variance: np.ndarray,
-                            squared_intensity: np.ndarray) -> float:
-    """The f at which the median of (J − J_model)² / (k²σ_J² + f²J²) is the median of χ²₁
-    (0.455): an estimate of the reference's relative error that half the reflections may
-    contradict (a permuted or foreign part of a reference) without moving it. Bisection in
-    log f over [10⁻³, 2]; 0 where the counting variance alone already explains the residuals."""
-    target = 0.454936  # median of chi-square with one degree of freedom
-
-    def median_ratio(f: float) -> float:
-        return float(np.median(squared_residual / (counting_variance + f * f * squared_intensity)))
-
-    low, high = 1e-3, 2.0
-    if median_ratio(low) <= target:
-        return 0.0
-    if median_ratio(high) >= target:
-        return high
-    for _ in range(50):
-        middle = math.sqrt(low * high)
-        low, high = (middle, high) if median_ratio(middle) > target else (low, middle)
-    return math.sqrt(low * high)
-
-
 class _GlobalLoop:
     """The two-level fit: rounds of per-image refinements at the held per-crystal values, each
     followed by the per-crystal steps from the images' summed contributions."""

@@ -455,3 +455,41 @@ def test_G_prior_is_relative_to_the_scale_found(small_set):
     assert np.all(np.abs(tight.images["G"] / centre - 1) < 0.01)
     assert np.std(free.images["G"]) > 20 * np.std(tight.images["G"])
     assert tight.options["G_prior"][0] == pytest.approx(centre, rel=0.02)
+
+
+def test_reference_error_fit_allows_for_a_wrong_part_of_the_reference():
+    """Residuals drawn from the model: e ~ N(0, σ² + f²J²) for the right part, and a wrong part
+    off by a factor (I_ref from another reflection). The single Gaussian is kept where nothing
+    is wrong (π = 0, f within 3 % of 0.1 over 4,000 reflections); with 15 % wrong the mixture
+    finds f within 15 % and takes part of it for wrong (0 < π < 0.15: wrong entries near their
+    right value cannot be told apart; f 0.112, π 0.044 here), where the Gaussian alone more
+    than doubles f."""
+    from pixelrefine.refine import reference_error_fit, reference_error_gaussian
+
+    rng = np.random.default_rng(5)
+    n, f = 4000, 0.1
+    J = rng.exponential(2000.0, n) + 50.0
+    counting = J + 10.0
+    right = J + rng.normal(0.0, np.sqrt(counting + (f * J) ** 2))
+    model = np.where(rng.random(n) < 0.15, J * rng.lognormal(0.0, 1.0, n), right)
+    for J_model, wrong_fraction in ((right, 0.0), (model, 0.15)):
+        e2, m2 = (J - J_model) ** 2, np.maximum(J**2 - counting, 0.0)
+        f_fit, fisher, wrong = reference_error_fit(e2, counting, m2)
+        assert fisher > 0
+        if wrong_fraction == 0.0:
+            assert wrong == 0.0 and f_fit == pytest.approx(f, rel=0.03)
+        else:
+            assert f_fit == pytest.approx(f, rel=0.15) and 0.02 < wrong < wrong_fraction
+            assert reference_error_gaussian(e2, counting, m2)[0] > 2 * f
+
+
+def test_a_fifth_of_the_reference_wrong_still_gives_the_scale():
+    """20 % of the reference replaced by independent Wilson draws, nothing given: G within
+    1 % (pooled over 12 images, about 3 σ of the mean) and f within 30 % of the 5 % the rest
+    has, every image at status 0 (measured before the mixture: G −13 %, f 0.31)."""
+    shoeboxes = pr.simulate(12, seed=4, reference_outlier_fraction=0.2)
+    results = pr.refine(shoeboxes, n_threads=2)
+    G_ratio = results.images["G"] / shoeboxes.truth["images"]["G"]
+    assert abs(np.mean(G_ratio) - 1) < 0.01, G_ratio
+    assert results.crystals["reference_error"][0] == pytest.approx(0.05, rel=0.3)
+    assert np.all(results.images["status"] == 0)

@@ -178,11 +178,10 @@ def test_status_and_flag_tables_document_every_code():
 
 
 def test_a_reference_the_data_contradict_is_status_9():
-    """A reference permuted over its reflections says nothing about these images: its error f
-    (estimated, nothing given) reaches REFERENCE_ERROR_MAX and no image is reported converged
+    """A reference permuted over its reflections says nothing about these images (its error f
+    near 1, the intensities' rank correlation with it near 0): no image is reported converged
     (status 9) nor merged; the same images with their own reference are not flagged."""
     from pixelrefine.merge import EXCLUDED_STATUS
-    from pixelrefine.refine import REFERENCE_ERROR_MAX
 
     shoeboxes = pr.simulate(6, seed=21, max_reflections=200)
     refl = shoeboxes.reflections
@@ -194,6 +193,5 @@ def test_a_reference_the_data_contradict_is_status_9():
     contradicted = pr.refine(wrong, n_threads=2)
     assert right.crystals["reference_error"][0] < 0.2
     assert not np.any(right.images["status"] == 9)
-    assert contradicted.crystals["reference_error"][0] >= REFERENCE_ERROR_MAX
     assert np.all(contradicted.images["status"] == 9), contradicted.images["status"]
     assert 9 in EXCLUDED_STATUS

@@ -1,12 +1,17 @@
 // pybind11 bindings: arrays cross without copies (noconvert: the dtype must already be the
 // canonical one, which the Python layer guarantees), the GIL is released while solving, and
-// C++ exceptions arrive as Python exceptions (std::invalid_argument -> ValueError).
+// every C++ exception arrives as a Python exception of a documented type:
+//   ValueError   a value, shape or length the core refuses (std::invalid_argument, named);
+//   TypeError    an argument of the wrong type, dtype or memory layout (not C-contiguous);
+//   MemoryError  an allocation that failed (std::bad_alloc);
+//   RuntimeError "internal error in the pixelrefine core: ..." for anything else (a bug).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <glog/logging.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <sstream>
@@ -25,6 +30,9 @@ namespace {
 
 template <typename T>
 using Array = py::array_t<T, py::array::c_style>;
+
+constexpr int kMaxPasses = 1000;  // evaluate_image: passes before the evaluation
+constexpr int64_t kMaxThreads = 256;
 
 // Checks a C-contiguous array's shape; -1 matches any length. Returns its data pointer.
 template <typename T>
@@ -49,6 +57,29 @@ T* checked_mutable(Array<T>& a, const char* name, std::vector<py::ssize_t> shape
   return a.mutable_data();
 }
 
+// Length of an array's first axis (ValueError for a 0-d array, which has none).
+py::ssize_t rows(const py::array& a, const char* name) {
+  if (a.ndim() < 1)
+    throw std::invalid_argument(std::string(name) + ": expected an array with rows, got a scalar");
+  return a.shape(0);
+}
+
+const char* dtype_name(float) { return "float32"; }
+const char* dtype_name(double) { return "float64"; }
+const char* dtype_name(int16_t) { return "int16"; }
+const char* dtype_name(int32_t) { return "int32"; }
+const char* dtype_name(int64_t) { return "int64"; }
+const char* dtype_name(uint8_t) { return "uint8"; }
+
+// `obj` itself as a C-contiguous array of T (no conversion, no copy), or TypeError.
+template <typename T>
+Array<T> exact_array(const py::handle& obj, const char* name) {
+  if (!py::isinstance<Array<T>>(obj))
+    throw py::type_error(std::string(name) + " must be a C-contiguous " + dtype_name(T{}) +
+                         " NumPy array");
+  return py::reinterpret_borrow<Array<T>>(obj);
+}
+
 // A validated view that keeps the NumPy arrays it points into alive.
 class CoreShoeboxSet {
  public:
@@ -62,8 +93,9 @@ class CoreShoeboxSet {
       : keep_{origin, fast_axis, slow_axis, pixel_size, size, read_noise, wavelength,
               bandwidth, A_matrix, polarization_fraction, crystal_index, image_id, panel,
               miller_index, intensity_ref, bbox, pixel_offset, background, counts, mask} {
-    const py::ssize_t P = pixel_size.shape(0), N = wavelength.shape(0), M = image_id.shape(0),
-                      T = counts.shape(0);
+    const py::ssize_t P = rows(pixel_size, "/detector/pixel_size"),
+                      N = rows(wavelength, "/images/wavelength"),
+                      M = rows(image_id, "/reflections/image_id"), T = rows(counts, "/pixels/counts");
     view_.n_panels = P;
     view_.origin = checked(origin, "/detector/origin", {P, 3});
     view_.fast_axis = checked(fast_axis, "/detector/fast_axis", {P, 3});
@@ -135,11 +167,9 @@ const ResultField kResultFields[] = {
 template <typename T>
 T* result_array(py::dict results, const char* key, std::vector<py::ssize_t> shape) {
   if (!results.contains(key)) throw std::invalid_argument(std::string("results: missing ") + key);
-  py::object obj = py::reinterpret_borrow<py::object>(results[key]);
-  Array<T> a = obj.cast<Array<T>>();
-  if (!obj.is(a) || !a.writeable())
-    throw std::invalid_argument(std::string("results: ") + key + " must be a writeable C-contiguous " +
-                                (std::is_same<T, int32_t>::value ? "int32" : "float64") + " array");
+  Array<T> a = exact_array<T>(results[key], (std::string("results: ") + key).c_str());
+  if (!a.writeable())
+    throw std::invalid_argument(std::string("results: ") + key + " is read-only");
   return checked_mutable(a, key, shape);
 }
 
@@ -157,16 +187,44 @@ ResultsView results_view(py::dict results, int64_t n_images, int64_t n_reflectio
   return out;
 }
 
+// The arrays are the caller's own (no conversion), so the pointers stay valid while it runs.
 ImageModel image_model(const ShoeboxSetView& set, const Array<double>& R0,
                        const py::object& rotation, const py::object& detector_shift, double eta) {
   const py::ssize_t N = set.n_images;
   ImageModel model;
   model.R0 = checked(R0, "R0", {N});
-  if (!rotation.is_none()) model.rotation = checked(rotation.cast<Array<double>>(), "rotation", {N, 3});
+  for (py::ssize_t i = 0; i < N; ++i)
+    if (!(model.R0[i] >= 0.0) || !std::isfinite(model.R0[i]))
+      throw std::invalid_argument("R0 row " + std::to_string(i) + ": must be finite and >= 0");
+  if (!rotation.is_none())
+    model.rotation = checked(exact_array<double>(rotation, "rotation"), "rotation", {N, 3});
   if (!detector_shift.is_none())
-    model.detector_shift = checked(detector_shift.cast<Array<double>>(), "detector_shift", {N});
+    model.detector_shift =
+        checked(exact_array<double>(detector_shift, "detector_shift"), "detector_shift", {N});
+  if (!(eta >= 0.0) || !std::isfinite(eta)) throw std::invalid_argument("eta must be finite and >= 0");
   model.eta = eta;
   return model;
+}
+
+// Every C++ exception as a Python exception of a documented type (see the top of this file).
+void translate_exception(std::exception_ptr error) {
+  try {
+    if (error) std::rethrow_exception(error);
+  } catch (const py::builtin_exception&) {
+    throw;  // pybind11's own (TypeError, ValueError, ...) keep their type
+  } catch (const py::error_already_set&) {
+    throw;
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::bad_alloc&) {
+    PyErr_SetString(PyExc_MemoryError, "the pixelrefine core ran out of memory");
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError,
+                    (std::string("internal error in the pixelrefine core: ") + e.what()).c_str());
+  } catch (...) {
+    PyErr_SetString(PyExc_RuntimeError,
+                    "internal error in the pixelrefine core: an unknown C++ exception");
+  }
 }
 
 // (G, B, R1, a, c, t, s, omega[3], shift) as a parameter set.
@@ -188,6 +246,7 @@ PYBIND11_MODULE(_core, m) {
   // Ceres logs through glog; per-image problems report through status codes instead, so
   // only errors reach stderr (a non-finite residual is a warning Ceres recovers from).
   FLAGS_minloglevel = google::GLOG_ERROR;
+  py::register_exception_translator(&translate_exception);
 
   py::class_<CoreShoeboxSet>(m, "CoreShoeboxSet",
                              "Validated zero-copy view of a ShoeboxSet's arrays (canonical dtypes).")
@@ -247,6 +306,8 @@ PYBIND11_MODULE(_core, m) {
       "evaluate_image",
       [](const CoreShoeboxSet& set, const RefineOptions& options, int64_t image,
          std::vector<double> values, std::vector<double> held, int passes) {
+        if (passes < 1 || passes > kMaxPasses)
+          throw std::invalid_argument("passes must lie in [1, " + std::to_string(kMaxPasses) + "]");
         const ImageParameters params = parameters_from(values, "values");
         const ImageParameters at = parameters_from(held.empty() ? values : held, "held");
         ImageEvaluation e;
@@ -296,7 +357,8 @@ PYBIND11_MODULE(_core, m) {
               model_counts(v, i, options, view, mu_out, var_out);
           };
           std::vector<std::thread> pool;
-          for (int t = 1; t < std::max(1, n_threads); ++t) pool.emplace_back(worker);
+          const int threads = int(std::max<int64_t>(1, std::min<int64_t>({n_threads, kMaxThreads, v.n_images})));
+          for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
           worker();
           for (std::thread& t : pool) t.join();
         }
@@ -315,7 +377,7 @@ PYBIND11_MODULE(_core, m) {
       [](const CoreShoeboxSet& set, Array<int32_t> image_id, Array<int16_t> panel,
          Array<int32_t> miller_index, Array<double> R0, double eta, py::object rotation,
          py::object detector_shift) {
-        const py::ssize_t M = image_id.shape(0);
+        const py::ssize_t M = rows(image_id, "image_id");
         PredictionArrays arrays;
         arrays.n = M;
         arrays.image_id = checked(image_id, "image_id", {M});

@@ -934,6 +934,8 @@ int ImageRefinement::decide_status(bool converged) const {
   return kConverged;
 }
 
+double finite_or_nan(double x) { return std::isfinite(x) ? x : kNaN; }
+
 void ImageRefinement::write() const {
   write_image();
   write_reflections();
@@ -989,11 +991,12 @@ void ImageRefinement::write_reflections() const {
   const double R0_sigma = options_.R0_sigma.empty() ? 0.0 : options_.R0_sigma[crystal];
   for (const ReflectionFit& rf : work_.reflections) {
     const int64_t r = rf.row;
-    out_.partiality[r] = rf.partiality;
-    out_.excitation_error[r] = rf.pred.excitation_error;
-    out_.d[r] = rf.pred.d;
-    out_.xyzcal[2 * r] = rf.pred.x;
-    out_.xyzcal[2 * r + 1] = rf.pred.y;
+    // An overflowed prediction (flagged kBadPrediction) is written NaN, never +-inf.
+    out_.partiality[r] = finite_or_nan(rf.partiality);
+    out_.excitation_error[r] = finite_or_nan(rf.pred.excitation_error);
+    out_.d[r] = finite_or_nan(rf.pred.d);
+    out_.xyzcal[2 * r] = finite_or_nan(rf.pred.x);
+    out_.xyzcal[2 * r + 1] = finite_or_nan(rf.pred.y);
     int32_t flags = rf.flags | (scaled ? 0 : kNotRefined);
     const bool integrated = rf.integrated() && std::isfinite(rf.stats.J) && !solver_failed_;
     const ReflectionStatistics& st = rf.stats;
@@ -1149,7 +1152,8 @@ void refine_images(const ShoeboxSetView& set, const RefineOptions& options, int6
       }
     }
   };
-  const int threads = std::max(1, std::min<int>(n_threads, int(last - first)));
+  // At most 256 threads (a thread that cannot be started would end the process).
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>({n_threads, 256, last - first})));
   if (threads == 1) {
     worker();
   } else {

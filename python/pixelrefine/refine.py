@@ -274,6 +274,17 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
     Returns
     -------
     Results
+        Checked on the way out (``validation.check_results``): nothing that is not finite
+        without a status or flag that explains it.
+
+    Raises
+    ------
+    ValueError
+        For an invalid set (naming its source, the dataset and the first bad row) or option.
+    TypeError
+        For an unknown option or one of the wrong type.
+    validation.ResultsCheckError
+        For a result the checks find unexplained (an internal error: please report).
     """
     from . import __version__
 
@@ -326,6 +337,8 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
                        R0_prior=R0_prior)
     results = loop.run(profile, max_global)
     results.package_version = __version__
+    from .validation import check_results
+    check_results(results, shoeboxes.reflections.image_id)
     return results
 
 

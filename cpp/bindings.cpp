@@ -80,7 +80,10 @@ Array<T> exact_array(const py::handle& obj, const char* name) {
   return py::reinterpret_borrow<Array<T>>(obj);
 }
 
-// A validated view that keeps the NumPy arrays it points into alive.
+// A validated view that keeps the NumPy arrays it points into alive. The arrays that index
+// others (panel size, crystal index, image_id, panel, bbox, pixel_offset) are copied, so that
+// a caller who edits its arrays after validation cannot send the core out of bounds (the
+// float arrays are shared: an edit there changes values, never addresses).
 class CoreShoeboxSet {
  public:
   CoreShoeboxSet(Array<double> origin, Array<double> fast_axis, Array<double> slow_axis,
@@ -90,9 +93,8 @@ class CoreShoeboxSet {
                  Array<int32_t> image_id, Array<int16_t> panel, Array<int32_t> miller_index,
                  Array<double> intensity_ref, Array<int32_t> bbox, Array<int64_t> pixel_offset,
                  Array<float> background, Array<float> counts, Array<uint8_t> mask)
-      : keep_{origin, fast_axis, slow_axis, pixel_size, size, read_noise, wavelength,
-              bandwidth, A_matrix, polarization_fraction, crystal_index, image_id, panel,
-              miller_index, intensity_ref, bbox, pixel_offset, background, counts, mask} {
+      : keep_{origin, fast_axis, slow_axis, pixel_size, wavelength, bandwidth, A_matrix,
+              polarization_fraction, miller_index, intensity_ref, background, counts, mask} {
     const py::ssize_t P = rows(pixel_size, "/detector/pixel_size"),
                       N = rows(wavelength, "/images/wavelength"),
                       M = rows(image_id, "/reflections/image_id"), T = rows(counts, "/pixels/counts");
@@ -101,31 +103,70 @@ class CoreShoeboxSet {
     view_.fast_axis = checked(fast_axis, "/detector/fast_axis", {P, 3});
     view_.slow_axis = checked(slow_axis, "/detector/slow_axis", {P, 3});
     view_.pixel_size = checked(pixel_size, "/detector/pixel_size", {P});
-    view_.panel_size = checked(size, "/detector/size", {P, 2});
+    view_.panel_size = copied(size, "/detector/size", {P, 2}, size_);
     view_.read_noise = checked(read_noise, "/detector/read_noise", {P});
     view_.n_images = N;
     view_.wavelength = checked(wavelength, "/images/wavelength", {N});
     view_.bandwidth = checked(bandwidth, "/images/bandwidth", {N});
     view_.A_matrix = checked(A_matrix, "/images/A_matrix", {N, 3, 3});
     view_.polarization_fraction = checked(polarization_fraction, "/images/polarization_fraction", {N});
-    view_.crystal_index = checked(crystal_index, "/images/crystal_id", {N});
+    view_.crystal_index = copied(crystal_index, "/images/crystal_id", {N}, crystal_index_);
     view_.n_reflections = M;
-    view_.image_id = checked(image_id, "/reflections/image_id", {M});
-    view_.panel = checked(panel, "/reflections/panel", {M});
+    view_.image_id = copied(image_id, "/reflections/image_id", {M}, image_id_);
+    view_.panel = copied(panel, "/reflections/panel", {M}, panel_);
     view_.miller_index = checked(miller_index, "/reflections/miller_index", {M, 3});
     view_.intensity_ref = checked(intensity_ref, "/reflections/intensity_ref", {M});
-    view_.bbox = checked(bbox, "/reflections/bbox", {M, 4});
-    view_.pixel_offset = checked(pixel_offset, "/reflections/pixel_offset", {M});
+    view_.bbox = copied(bbox, "/reflections/bbox", {M, 4}, bbox_);
+    view_.pixel_offset = copied(pixel_offset, "/reflections/pixel_offset", {M}, pixel_offset_);
     view_.background = checked(background, "/reflections/background", {M});
     view_.n_pixels = T;
     view_.counts = checked(counts, "/pixels/counts", {T});
     view_.mask = checked(mask, "/pixels/mask", {T});
     view_.validate();
   }
+
+  // From any Python objects: each must already be a C-contiguous array of its canonical dtype
+  // (TypeError naming it otherwise; nothing is converted).
+  static CoreShoeboxSet from_objects(const std::vector<py::object>& a) {
+    if (a.size() != 20) throw std::invalid_argument("CoreShoeboxSet takes 20 arrays");
+    return CoreShoeboxSet(
+        exact_array<double>(a[0], "/detector/origin"), exact_array<double>(a[1], "/detector/fast_axis"),
+        exact_array<double>(a[2], "/detector/slow_axis"),
+        exact_array<double>(a[3], "/detector/pixel_size"), exact_array<int32_t>(a[4], "/detector/size"),
+        exact_array<double>(a[5], "/detector/read_noise"),
+        exact_array<double>(a[6], "/images/wavelength"), exact_array<double>(a[7], "/images/bandwidth"),
+        exact_array<double>(a[8], "/images/A_matrix"),
+        exact_array<double>(a[9], "/images/polarization_fraction"),
+        exact_array<int32_t>(a[10], "crystal_index"), exact_array<int32_t>(a[11], "/reflections/image_id"),
+        exact_array<int16_t>(a[12], "/reflections/panel"),
+        exact_array<int32_t>(a[13], "/reflections/miller_index"),
+        exact_array<double>(a[14], "/reflections/intensity_ref"),
+        exact_array<int32_t>(a[15], "/reflections/bbox"),
+        exact_array<int64_t>(a[16], "/reflections/pixel_offset"),
+        exact_array<float>(a[17], "/reflections/background"), exact_array<float>(a[18], "/pixels/counts"),
+        exact_array<uint8_t>(a[19], "/pixels/mask"));
+  }
+
+  // Moved, never copied: view_ points into the members' buffers, which a move keeps.
+  CoreShoeboxSet(CoreShoeboxSet&&) = default;
+  CoreShoeboxSet(const CoreShoeboxSet&) = delete;
+  CoreShoeboxSet& operator=(const CoreShoeboxSet&) = delete;
+
   const ShoeboxSetView& view() const { return view_; }
 
  private:
+  template <typename T>
+  static const T* copied(const Array<T>& a, const char* name, std::vector<py::ssize_t> shape,
+                         std::vector<T>& store) {
+    const T* data = checked(a, name, shape);
+    store.assign(data, data + a.size());
+    return store.data();
+  }
+
   std::vector<py::object> keep_;
+  std::vector<int32_t> size_, crystal_index_, image_id_, bbox_;
+  std::vector<int16_t> panel_;
+  std::vector<int64_t> pixel_offset_;
   ShoeboxSetView view_;
 };
 
@@ -250,20 +291,29 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<CoreShoeboxSet>(m, "CoreShoeboxSet",
                              "Validated zero-copy view of a ShoeboxSet's arrays (canonical dtypes).")
-      .def(py::init<Array<double>, Array<double>, Array<double>, Array<double>, Array<int32_t>,
-                    Array<double>, Array<double>, Array<double>, Array<double>, Array<double>,
-                    Array<int32_t>, Array<int32_t>, Array<int16_t>, Array<int32_t>, Array<double>,
-                    Array<int32_t>, Array<int64_t>, Array<float>, Array<float>, Array<uint8_t>>(),
-           py::arg("origin").noconvert(), py::arg("fast_axis").noconvert(),
-           py::arg("slow_axis").noconvert(), py::arg("pixel_size").noconvert(),
-           py::arg("size").noconvert(), py::arg("read_noise").noconvert(),
-           py::arg("wavelength").noconvert(), py::arg("bandwidth").noconvert(),
-           py::arg("A_matrix").noconvert(), py::arg("polarization_fraction").noconvert(),
-           py::arg("crystal_index").noconvert(), py::arg("image_id").noconvert(),
-           py::arg("panel").noconvert(), py::arg("miller_index").noconvert(),
-           py::arg("intensity_ref").noconvert(), py::arg("bbox").noconvert(),
-           py::arg("pixel_offset").noconvert(), py::arg("background").noconvert(),
-           py::arg("counts").noconvert(), py::arg("mask").noconvert())
+      .def(py::init([](py::object origin, py::object fast_axis, py::object slow_axis, py::object pixel_size, py::object size, py::object read_noise, py::object wavelength, py::object bandwidth, py::object A_matrix, py::object polarization_fraction, py::object crystal_index, py::object image_id, py::object panel, py::object miller_index, py::object intensity_ref, py::object bbox, py::object pixel_offset, py::object background, py::object counts, py::object mask) {
+             return CoreShoeboxSet::from_objects({origin, fast_axis, slow_axis, pixel_size, size, read_noise, wavelength, bandwidth, A_matrix, polarization_fraction, crystal_index, image_id, panel, miller_index, intensity_ref, bbox, pixel_offset, background, counts, mask});
+           }),
+           py::arg("origin"),
+           py::arg("fast_axis"),
+           py::arg("slow_axis"),
+           py::arg("pixel_size"),
+           py::arg("size"),
+           py::arg("read_noise"),
+           py::arg("wavelength"),
+           py::arg("bandwidth"),
+           py::arg("A_matrix"),
+           py::arg("polarization_fraction"),
+           py::arg("crystal_index"),
+           py::arg("image_id"),
+           py::arg("panel"),
+           py::arg("miller_index"),
+           py::arg("intensity_ref"),
+           py::arg("bbox"),
+           py::arg("pixel_offset"),
+           py::arg("background"),
+           py::arg("counts"),
+           py::arg("mask"))
       .def_property_readonly("n_images", [](const CoreShoeboxSet& s) { return s.view().n_images; })
       .def_property_readonly("n_reflections",
                              [](const CoreShoeboxSet& s) { return s.view().n_reflections; })

@@ -33,6 +33,7 @@ import io
 import json
 import os
 import platform
+import re
 import resource
 import selectors
 import shutil
@@ -597,7 +598,7 @@ def classify(path: str, out: str, exit_code: int, exception: BaseException | Non
         return "unflagged_nonfinite", line
     if "internal error" in line:
         return "internal_error", line
-    if not line.startswith(f"Error: {path}: "):
+    if not line.startswith(f"Error: {path}: ") or refusal_subject(line) is None:
         return "unclear_error", line
     if os.path.exists(out) or any(p.startswith(f".{os.path.basename(out)}.")
                                   for p in os.listdir(os.path.dirname(out) or ".")):
@@ -650,6 +651,7 @@ def worker(case_file: str, directory: str) -> None:
     """Run the cases of ``case_file`` (JSON lines) one after another, announcing each on
     stdout (``{"start": id}``) and then its outcome record."""
     resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
+    _die_with_parent()
     bases = json.loads(os.environ["PIXELREFINE_FUZZ_BASES"])
     protocol = sys.stdout
     with open(case_file) as handle:
@@ -662,6 +664,16 @@ def worker(case_file: str, directory: str) -> None:
             record = {"id": case["id"], "outcome": "traceback",
                       "detail": f"harness: {type(error).__name__}: {error}"}
         print(json.dumps(record), file=protocol, flush=True)
+
+
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGKILL when the process that started it ends (a hanging case
+    would otherwise outlive an interrupted run)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class _Worker:
@@ -797,8 +809,31 @@ def summarize(cases: list[dict], records: list[dict]) -> dict:
         by_kind[kind][record["outcome"]] += 1
     bugs = [{**record, "case": by_id[record["id"]]} for record in records
             if record["outcome"] in BUGS]
+    refused_by: dict[str, int] = {}
+    for record in records:
+        if record["outcome"] == "refused":
+            where = refusal_subject(record["detail"])
+            refused_by[where] = refused_by.get(where, 0) + 1
     return {"cases": len(records), "counts": counts, "by_kind": by_kind,
+            "refused_by": dict(sorted(refused_by.items(), key=lambda kv: -kv[1])),
             "bugs": sum(counts[name] for name in BUGS), "bug_cases": bugs}
+
+
+#: What a refusal names after the file: a dataset or group, a root attribute, or the file as
+#: a whole (not HDF5, a corrupt global heap, too large, a partial file).
+REFUSAL_SUBJECT = re.compile(
+    r"^Error: .*?: (?P<subject>(/[A-Za-z0-9_]+)+|root attribute '[a-z_]+'|format_version|"
+    r"HDF5 global heap|not a readable HDF5 file|its datasets need|is a partial file)")
+
+
+def refusal_subject(line: str) -> str | None:
+    """The dataset (or other part of the file) a refusal's line names first; None when it
+    names none (an unclear error)."""
+    match = REFUSAL_SUBJECT.match(line)
+    if not match:
+        return None
+    subject = match["subject"]
+    return subject.split(" row ")[0]
 
 
 # ------------------------------------------------------------------ command line

@@ -225,10 +225,89 @@ def _check_root(reader: _FileReader, expected_format: str) -> None:
                                f"is not supported (this reader reads {FORMAT_VERSION})")
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+#: Signature of an HDF5 global heap collection (where variable-length strings live).
+GLOBAL_HEAP_SIGNATURE = b"GCOL\x01"
+
+
+def _sizeof_lengths(data: Any) -> int:
+    """Bytes of a "length" field in this HDF5 file (superblock; 8 when it cannot be told).
+    The superblock sits at byte 0, 512, 1024, ... (after a user block)."""
+    at = 0
+    while at + 16 <= len(data):
+        if data[at:at + 8] == HDF5_SIGNATURE:
+            version = data[at + 8]
+            size = data[at + 14] if version in (0, 1) else data[at + 10]
+            return size if size in (2, 4, 8, 16) else 8
+        at = 512 if at == 0 else 2 * at
+    return 8
+
+
+def _global_heap_problem(data: Any) -> tuple[int, str] | None:
+    """The first global heap collection of an HDF5 file's bytes that libhdf5 cannot parse
+    to its end, as (byte offset, what); None when every one parses.
+
+    libhdf5 (2.0.0 and earlier) walks a collection's objects by their sizes: an object
+    header of index 0 and size 0 (zeroed bytes), or a size that wraps the address, never
+    advances, and reading any variable-length string in that collection (the root attribute
+    ``format``, say) loops forever. This walk mirrors libhdf5's (``H5HG__cache_heap_deserialize``);
+    bytes past the end of the file read as zeros, as libhdf5's do up to the stored end.
+    """
+    length = _sizeof_lengths(data)
+    header = 8 + length              # "GCOL", version, 3 reserved, collection size
+    object_header = 8 + length       # index (2), references (2), reserved (4), size
+    wrap = 1 << 64
+    end_of_file = len(data)
+
+    def field(at: int, n: int) -> int:
+        chunk = bytes(data[at:at + n]) if at < end_of_file else b""
+        return int.from_bytes(chunk.ljust(n, b"\0"), "little")
+
+    start = data.find(GLOBAL_HEAP_SIGNATURE)
+    while start >= 0:
+        size = field(start + 8, length)
+        end = start + size
+        p = start + header
+        steps = 0
+        while p < end:
+            if p + object_header > end:
+                break                # trailing bytes too small for an object: free space
+            index, object_size = field(p, 2), field(p + 8, length)
+            need = (object_header + ((object_size + 7) & ~7)) % wrap if index else object_size
+            if need == 0 or p + need >= wrap:
+                return start, (f"object {index} at byte {p} has size {object_size}: "
+                               f"the collection cannot be walked (zeroed or overwritten bytes)")
+            p += need
+            steps += 1
+            if steps > size:         # cannot happen (every step advances); a guard
+                return start, "the collection cannot be walked"
+        start = data.find(GLOBAL_HEAP_SIGNATURE, start + 1)
+    return None
+
+
+def _check_global_heaps(path: str) -> None:
+    """Refuse a file whose global heap libhdf5 would loop on (``_global_heap_problem``),
+    before libhdf5 reads it. One pass over the file's bytes (memory-mapped)."""
+    import mmap
+
+    try:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                return  # h5py refuses it
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                problem = _global_heap_problem(data)
+    except (OSError, ValueError):
+        return  # not readable as bytes: h5py's own open names the problem
+    if problem is not None:
+        at, what = problem
+        raise ShoeboxFileError(f"{path}: HDF5 global heap at byte {at} is corrupt ({what})")
+
+
 def _open(path: str, expected_format: str) -> tuple[h5py.File, _FileReader]:
     """Open an HDF5 file read-only and check its root attributes."""
     if PARTIAL_PATTERN.match(os.path.basename(path)):
         raise ShoeboxFileError(f"{path}: is a partial file left by an interrupted write, not a result")
+    _check_global_heaps(path)
     try:
         f = h5py.File(path, "r")
     except Exception as error:  # OSError mostly; anything h5py raises on a corrupt superblock

@@ -294,8 +294,13 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
             raise TypeError(f"pass {name} as refine()'s own argument")
     if profile not in ("auto", "isotropic", "anisotropic", "tail"):
         raise ValueError(f"profile must be 'auto', 'isotropic', 'anisotropic' or 'tail', not {profile!r}")
+    if not isinstance(shoeboxes, ShoeboxSet):
+        raise TypeError(f"shoeboxes must be a ShoeboxSet, not {type(shoeboxes).__name__}")
     if not (isinstance(max_global, int) and max_global >= 1):
         raise ValueError("max_global must be an integer >= 1")
+    if not (isinstance(n_threads, (int, np.integer)) and 1 <= n_threads <= 4096):
+        raise ValueError(f"n_threads must be an integer in [1, 4096], not {n_threads!r}")
+    n_threads = int(n_threads)
     if R0_prior is not None and not (np.isfinite(R0_prior[0]) and R0_prior[1] > 0):
         raise ValueError("R0_prior must be (finite mean, sd > 0)")
     shoeboxes.core()
@@ -479,13 +484,16 @@ class _GlobalLoop:
                 keep = e2 < trim * trim * s2
                 grad = 0.5 * np.sum((m2 * (e2 / s2 - 1.0) / s2)[keep])
                 fisher = 0.5 * np.sum((m2 * m2 / (s2 * s2))[keep])
+                if not (np.isfinite(grad) and np.isfinite(fisher) and fisher > 0):
+                    break  # no residual left inside the trim (or none informative): f held
                 new = max(f2 + grad / fisher, 0.0)
                 if abs(new - f2) <= 1e-10 + 1e-7 * f2:
                     f2 = new
                     break
                 f2 = new
             f_out[c] = min(math.sqrt(f2), 2.0)
-            f_sigma[c] = 1.0 / math.sqrt(fisher) / (2 * max(f_out[c], 1e-6)) if fisher > 0 else np.nan
+            f_sigma[c] = (1.0 / math.sqrt(fisher) / (2 * max(f_out[c], 1e-6))
+                          if np.isfinite(fisher) and fisher > 0 else np.nan)
         return f_out, f_sigma
 
     def R0_step(self, results: Results) -> np.ndarray:

@@ -159,6 +159,7 @@ class CoreShoeboxSet {
   static const T* copied(const Array<T>& a, const char* name, std::vector<py::ssize_t> shape,
                          std::vector<T>& store) {
     const T* data = checked(a, name, shape);
+    store.reserve(std::max<size_t>(1, size_t(a.size())));  // data() is not null when empty
     store.assign(data, data + a.size());
     return store.data();
   }

@@ -65,6 +65,8 @@ OUTCOMES = {
     "input_modified": "the input file changed",
     "output_left": "a refused case left an output or partial file",
     "unexpected_exit": "an exit code other than 0 and 1",
+    "wrongly_refused": "refused, though every mutation of the case keeps the file valid "
+                       "(``keeps_valid``)",
 }
 BUGS = frozenset(OUTCOMES) - {"accepted", "refused"}
 
@@ -107,6 +109,8 @@ BYTE_BASES = ["one", "two"]
 
 #: Outcomes come back from workers on this many seconds of silence at most (per case).
 DEFAULT_TIMEOUT = 60.0
+#: Seconds a case run in its own process may take (then: a hang).
+SUBPROCESS_TIMEOUT = 50.0
 #: Address space of a worker (bytes): a runaway allocation fails there, not on the machine.
 WORKER_MEMORY = 4 << 30
 #: What the reader of a worker may load (PIXELREFINE_MAX_READ_BYTES).
@@ -139,6 +143,7 @@ def make_bases(directory: str) -> dict[str, str]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(partial)
             write_shoeboxes(partial, shoeboxes, compression=spec["compression"], overwrite=True)
+            os.chmod(partial, 0o444)  # no case may change a starting file
             os.replace(partial, path)
         paths[name] = path
     return paths
@@ -217,10 +222,13 @@ DEFAULTS = {"R0": None, "max_global": None}
 
 
 def generate_cases(n: int, seed: int, *, derandomize: bool = False,
-                   default_fraction: float = 0.05) -> list[dict]:
+                   default_fraction: float = 0.05, process_fraction: float = 0.01) -> list[dict]:
     """``n`` cases drawn from ``case_strategy`` (reproducible for a seed and a hypothesis
     version), numbered from 0; a ``default_fraction`` of them (chosen by their number) are
-    refined with the default settings, the others fast."""
+    refined with the default settings, the others fast; a ``process_fraction`` run the
+    command in a process of its own (``python -m pixelrefine.cli``: what a user's shell
+    sees, traceback and exit status included), the others through click's test runner in the
+    worker (much faster)."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
 
@@ -235,9 +243,13 @@ def generate_cases(n: int, seed: int, *, derandomize: bool = False,
             cases.append(copy.deepcopy(case))
 
     collect()
-    step = 1.0 / default_fraction if default_fraction > 0 else float("inf")
-    chosen = {int(k * step) for k in range(n) if k * step < n}
-    return [{"id": i, **case, "run": dict(DEFAULTS if i in chosen else FAST)}
+    def every(fraction: float, phase: int) -> set[int]:
+        step = 1.0 / fraction if fraction > 0 else float("inf")
+        return {int(k * step) + phase for k in range(n) if k * step + phase < n}
+
+    defaults, process = every(default_fraction, 0), every(process_fraction, 1)
+    return [{"id": i, **case, "run": dict(DEFAULTS if i in defaults else FAST),
+             "process": i in process}
             for i, case in enumerate(cases)]
 
 
@@ -390,8 +402,11 @@ def _op_soft_link(f, op, path, bases):
 
 def _op_external_link(f, op, path, bases):
     where = op["path"]
-    file = {"self_file": os.path.abspath(bases["one"]), "missing_file": "/nonexistent/x.h5",
-            "not_hdf5": "/etc/hostname"}[op["target"]]
+    if op["target"] == "self_file":  # a copy of a valid file beside the case (never a base)
+        file = os.path.abspath(path + ".linked.h5")
+        shutil.copyfile(bases["one"], file)
+    else:
+        file = {"missing_file": "/nonexistent/x.h5", "not_hdf5": "/etc/hostname"}[op["target"]]
     del f[where]
     f[where] = h5py.ExternalLink(file, where)
 
@@ -606,6 +621,48 @@ def classify(path: str, out: str, exit_code: int, exception: BaseException | Non
     return "refused", line
 
 
+FLOAT_DATASETS = {"/detector/origin", "/detector/fast_axis", "/detector/slow_axis",
+                  "/detector/pixel_size", "/detector/read_noise", "/images/wavelength",
+                  "/images/bandwidth", "/images/A_matrix", "/images/polarization_fraction",
+                  "/reflections/intensity_ref", "/reflections/background", "/pixels/counts"}
+OPTIONAL_DATASETS = {"/detector/read_noise", "/images/crystal_id", "/reflections/background"}
+
+
+def keeps_valid(op: dict, base: str) -> bool:
+    """Whether a structured mutation leaves a valid file valid (shoebox-hdf5.md: any float
+    dtype for a float column and any integer one for an integer column, filters, extra
+    datasets and attributes, optional datasets absent, unused pixels, soft links within the
+    file, anything under /truth, rows of /images or /pixels in another order, no reflections)."""
+    name, path = op["op"], op.get("path", "")
+    in_truth = path == "/truth" or path.startswith("/truth/")
+    if name in ("extra", "filter", "truth"):
+        return True
+    if name in ("delete", "dataset_for_group", "external_link", "group_for_dataset"):
+        return in_truth or (name == "delete" and (
+            path in OPTIONAL_DATASETS or (path == "/reflections/panel" and base != "tiled")))
+    if name == "soft_link":
+        return op["target"] in ("valid", "relative") or in_truth
+    if name == "dtype":  # widths that hold every value of the valid files exactly
+        return op["dtype"] in (("f8", ">f8", "f16") if path in FLOAT_DATASETS else ("i4", "i8", ">i4"))
+    if name == "offsets":
+        return op["how"] == "gap"
+    if name == "root_attribute":
+        return (op["name"], op["value"]) in {("format", "pixelrefine.shoeboxes"), ("format", "bytes"),
+                                             ("format_version", 1), ("format_version", "int8"),
+                                             ("format_version", "uint64")}
+    if name == "permute":
+        return path.startswith("/images/") or path.startswith("/pixels/")
+    if name == "empty":
+        return op["group"] in ("reflections", "images")
+    return False
+
+
+def expected_valid(case: dict) -> bool:
+    """Whether a case's file is valid by construction: structured, every mutation valid."""
+    return case["kind"] == "structured" and all(keeps_valid(op, case["base"])
+                                                for op in case["mutations"])
+
+
 def run_case(case: dict, bases: dict[str, str], directory: str) -> dict:
     """Materialise and run one case in this process; its outcome record."""
     from click.testing import CliRunner
@@ -618,17 +675,35 @@ def run_case(case: dict, bases: dict[str, str], directory: str) -> dict:
     skipped = materialize(case, bases, path)
     _selftest(case)
     digest = _digest(path)
-    with _captured_fd2() as native:
-        result = CliRunner().invoke(command, refine_arguments(case, path, out))
-    outcome, detail = classify(path, out, result.exit_code, result.exception,
-                               result.stderr + native.getvalue())
+    if case.get("process"):  # the installed command in a process of its own
+        try:
+            run = subprocess.run([sys.executable, "-m", "pixelrefine.cli",
+                                  *refine_arguments(case, path, out)],
+                                 capture_output=True, text=True, errors="replace",
+                                 stdin=subprocess.DEVNULL, timeout=SUBPROCESS_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            outcome, detail = "hang", f"the command ran more than {SUBPROCESS_TIMEOUT:g} s"
+        else:
+            if run.returncode < 0:
+                outcome, detail = "crash", f"the command died by {signal.Signals(-run.returncode).name}"
+            elif "Traceback (most recent call last)" in run.stderr:
+                outcome, detail = "traceback", run.stderr.strip().splitlines()[-1][:400]
+            else:
+                outcome, detail = classify(path, out, run.returncode, None, run.stderr)
+    else:
+        with _captured_fd2() as native:
+            result = CliRunner().invoke(command, refine_arguments(case, path, out))
+        outcome, detail = classify(path, out, result.exit_code, result.exception,
+                                   result.stderr + native.getvalue())
+    if outcome == "refused" and expected_valid(case):
+        outcome = "wrongly_refused"
     if _digest(path) != digest:
         outcome, detail = "input_modified", detail
     record = {"id": case["id"], "outcome": outcome, "detail": detail,
               "seconds": round(time.perf_counter() - start, 3)}
     if skipped:
         record["skipped"] = skipped
-    for name in (path, out):
+    for name in (path, out, path + ".linked.h5"):
         with contextlib.suppress(OSError):
             os.unlink(name)
     return record
@@ -787,12 +862,23 @@ def _drive(workers: list[_Worker], timeout: float, *, confirm: bool = True,
 
 def run_cases(cases: list[dict], directory: str, *, workers: int = 2,
               timeout: float = DEFAULT_TIMEOUT, progress=None) -> list[dict]:
-    """Run ``cases`` on ``workers`` worker processes; one outcome record per case, by id."""
+    """Run ``cases`` on ``workers`` worker processes; one outcome record per case, by id.
+
+    Raises
+    ------
+    RuntimeError
+        When a starting file changed during the run (the harness would be testing other
+        files than it says).
+    """
     bases = make_bases(os.path.join(directory, "bases"))
+    before = {name: _digest(path) for name, path in bases.items()}
     work = os.path.join(directory, "cases")
     os.makedirs(work, exist_ok=True)
     pool = [_Worker(cases[k::workers], work, bases, k) for k in range(workers) if cases[k::workers]]
     records = _drive(pool, timeout, progress=progress)
+    changed = [name for name, path in bases.items() if _digest(path) != before[name]]
+    if changed:
+        raise RuntimeError(f"fuzz harness: the starting file(s) {changed} changed during the run")
     return sorted(records, key=lambda r: r["id"])
 
 
@@ -804,7 +890,8 @@ def summarize(cases: list[dict], records: list[dict]) -> dict:
     for record in records:
         case = by_id[record["id"]]
         counts[record["outcome"]] += 1
-        kind = f"{case['kind']}, {'fast' if case['run']['R0'] is not None else 'defaults'}"
+        kind = (f"{case['kind']}, {'fast' if case['run']['R0'] is not None else 'defaults'}"
+                f"{', own process' if case.get('process') else ''}")
         by_kind.setdefault(kind, {}).setdefault(record["outcome"], 0)
         by_kind[kind][record["outcome"]] += 1
     bugs = [{**record, "case": by_id[record["id"]]} for record in records
@@ -848,7 +935,8 @@ def _versions() -> dict[str, str]:
 
 def _long_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    cases = generate_cases(args.cases, args.seed, default_fraction=args.default_fraction)
+    cases = generate_cases(args.cases, args.seed, default_fraction=args.default_fraction,
+                           process_fraction=args.process_fraction)
     generated = time.perf_counter() - start
     directory = args.workdir or tempfile.mkdtemp(prefix="pixelrefine-fuzz-")
     last = [0.0]
@@ -865,7 +953,8 @@ def _long_run(args: argparse.Namespace) -> int:
     summary = summarize(cases, records)
     command = (f"python -m pixelrefine.fuzz --cases {args.cases} --seed {args.seed} "
                f"--workers {args.workers} --timeout {args.timeout:g} "
-               f"--default-fraction {args.default_fraction:g} --out {args.out}")
+               f"--default-fraction {args.default_fraction:g} "
+               f"--process-fraction {args.process_fraction:g} --out {args.out}")
     report = {"command": command, "seed": args.seed, "seconds": round(time.perf_counter() - start, 1),
               "generation_seconds": round(generated, 1), "outcomes": OUTCOMES, **summary,
               "versions": _versions(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus"}
@@ -915,6 +1004,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     parser.add_argument("--default-fraction", type=float, default=0.05,
                         help="share of cases refined with the default settings (the rest fast)")
+    parser.add_argument("--process-fraction", type=float, default=0.01,
+                        help="share of cases run as the command in a process of its own")
     parser.add_argument("--out", default=None, help="JSON file for the counts and the bugs")
     parser.add_argument("--workdir", default=None, help="keep the work files here")
     return _long_run(parser.parse_args(argv))

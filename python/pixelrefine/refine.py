@@ -474,16 +474,22 @@ class _GlobalLoop:
             ok &= sc > 0
             if ok.sum() < 10:
                 continue
-            e2 = (J[ok] - Jm[ok]) ** 2
-            v0 = (self.crystals.error_scale[c] * sc[ok]) ** 2
-            m2 = np.maximum(J[ok] ** 2 - v0, 0.0)
+            # Every term below is a ratio of squares of one reflection's J, J_model and σ:
+            # each reflection is measured in units of its largest, so that none overflows.
+            k_sc = self.crystals.error_scale[c] * sc[ok]
+            unit = np.maximum(np.maximum(np.abs(J[ok]), np.abs(Jm[ok])), k_sc)
+            e2 = ((J[ok] - Jm[ok]) / unit) ** 2
+            v0 = (k_sc / unit) ** 2
+            m2 = np.maximum((J[ok] / unit) ** 2 - v0, 0.0)
             f2 = max(f_out[c], 1e-3) ** 2
             fisher = np.nan
             for _ in range(100):
                 s2 = v0 + f2 * m2
                 keep = e2 < trim * trim * s2
-                grad = 0.5 * np.sum((m2 * (e2 / s2 - 1.0) / s2)[keep])
-                fisher = 0.5 * np.sum((m2 * m2 / (s2 * s2))[keep])
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = m2[keep] / s2[keep]
+                    grad = 0.5 * np.sum(ratio * (e2[keep] / s2[keep] - 1.0))
+                fisher = 0.5 * np.sum(ratio * ratio)
                 if not (np.isfinite(grad) and np.isfinite(fisher) and fisher > 0):
                     break  # no residual left inside the trim (or none informative): f held
                 new = max(f2 + grad / fisher, 0.0)

@@ -1018,7 +1018,11 @@ void ImageRefinement::write_reflections() const {
     out_.chi2_pixel_reflection[r] = integrated && dof > 0 ? st.chi2 / (k * k * dof) : kNaN;
     if (out_.chi2_pixel_reflection[r] > options_.chi2_max) flags |= kPoorFitReflection;
     const bool reference = !(rf.flags & kNoReference);
-    out_.intensity_model[r] = scaled && reference ? model_intensity(rf, held_) : kNaN;
+    // J_model overflows only where the prediction is absurd (d far below the wavelength's
+    // scale: B_term = exp(-B/4d^2)); it is then no prediction, flagged, and written NaN.
+    const double model = scaled && reference ? model_intensity(rf, held_) : kNaN;
+    if (std::isinf(model)) flags |= kBadPrediction;
+    out_.intensity_model[r] = finite_or_nan(model);
     // intensity_scaled = J / (G B_term p pol), with the counting sigma and G, B's covariance.
     const double c = scaled ? intensity_model(held_.G, held_.B, rf.pred.d, rf.partiality,
                                               rf.pred.polarization, 1.0) : kNaN;

@@ -14,12 +14,15 @@ valid files (1–3 images, ~20 reflections, 5×5 boxes) and apply mutations:
 - byte-level: bytes of a valid file flipped, overwritten, zeroed, or the file truncated.
 
 Each case runs ``pixelrefine refine CASE OUT`` (fast: ``--R0 5e-4 --option max_global=1``;
-some cases with the defaults) in a worker process that runs many cases in turn, and ends in one
-outcome (``OUTCOMES``). A worker that dies by a signal or hangs costs only the case it had
-started (it announces each case before running it); that case is run once more alone to see
-whether it crashes by itself, and the worker is restarted on the cases left.
+some cases with the defaults; some as the command in a process of its own) in a worker process
+that runs many cases in turn, and ends in one outcome (``OUTCOMES``; those in ``BUGS`` are
+failures, among them a refusal of a file that every mutation keeps valid, ``keeps_valid``). A
+worker that dies by a signal or hangs costs only the case it had started (it announces each
+case before running it); that case is run once more alone to see whether it crashes by itself,
+and the worker is restarted on the cases left. The report (``--out``) is rewritten every 30 s
+while the run goes (``"complete": false``), so an interrupted run leaves its counts so far.
 
-    python -m pixelrefine.fuzz --cases 10000 --seed 1 --out docs/fuzz-10000.json
+    python -m pixelrefine.fuzz --cases 10000 --seed 1 --workers 1 --out docs/fuzz-10000.json
     python -m pixelrefine.fuzz replay docs/fuzz-10000.json 1234 case.h5   # one case's file
 """
 
@@ -860,7 +863,7 @@ def _drive(workers: list[_Worker], timeout: float, *, confirm: bool = True,
     return records
 
 
-def run_cases(cases: list[dict], directory: str, *, workers: int = 2,
+def run_cases(cases: list[dict], directory: str, *, workers: int = 1,
               timeout: float = DEFAULT_TIMEOUT, progress=None) -> list[dict]:
     """Run ``cases`` on ``workers`` worker processes; one outcome record per case, by id.
 
@@ -941,27 +944,39 @@ def _long_run(args: argparse.Namespace) -> int:
     directory = args.workdir or tempfile.mkdtemp(prefix="pixelrefine-fuzz-")
     last = [0.0]
 
+    command = (f"python -m pixelrefine.fuzz --cases {args.cases} --seed {args.seed} "
+               f"--workers {args.workers} --timeout {args.timeout:g} "
+               f"--default-fraction {args.default_fraction:g} "
+               f"--process-fraction {args.process_fraction:g} --out {args.out}")
+
+    def write_report(records: list[dict], complete: bool) -> dict:
+        done = {r["id"] for r in records}
+        summary = summarize([c for c in cases if c["id"] in done], records)
+        report = {"command": command, "seed": args.seed, "complete": complete,
+                  "cases_planned": len(cases),
+                  "seconds": round(time.perf_counter() - start, 1),
+                  "generation_seconds": round(generated, 1), "outcomes": OUTCOMES, **summary,
+                  "versions": _versions(),
+                  "machine": f"{platform.machine()}, {os.cpu_count()} cpus"}
+        if args.out:  # written whole, then renamed: an interrupted run leaves its last counts
+            with open(args.out + ".writing", "w") as handle:
+                json.dump(report, handle, indent=1, sort_keys=False)
+                handle.write("\n")
+            os.replace(args.out + ".writing", args.out)
+        return summary
+
     def progress(records: list[dict]) -> None:
         if time.monotonic() - last[0] > 30 or len(records) == len(cases):
             last[0] = time.monotonic()
             bad = sum(r["outcome"] in BUGS for r in records)
             print(f"fuzz: {len(records)}/{len(cases)} cases, {bad} bugs, "
                   f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            if len(records) < len(cases):
+                write_report(records, complete=False)
 
     records = run_cases(cases, directory, workers=args.workers, timeout=args.timeout,
                         progress=progress)
-    summary = summarize(cases, records)
-    command = (f"python -m pixelrefine.fuzz --cases {args.cases} --seed {args.seed} "
-               f"--workers {args.workers} --timeout {args.timeout:g} "
-               f"--default-fraction {args.default_fraction:g} "
-               f"--process-fraction {args.process_fraction:g} --out {args.out}")
-    report = {"command": command, "seed": args.seed, "seconds": round(time.perf_counter() - start, 1),
-              "generation_seconds": round(generated, 1), "outcomes": OUTCOMES, **summary,
-              "versions": _versions(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus"}
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1, sort_keys=False)
-            handle.write("\n")
+    summary = write_report(records, complete=True)
     print(json.dumps({"counts": summary["counts"], "bugs": summary["bugs"]}))
     if not args.workdir:
         shutil.rmtree(directory, ignore_errors=True)
@@ -973,9 +988,12 @@ def _replay(args: argparse.Namespace) -> int:
         report = json.load(handle)
     cases = {c["case"]["id"]: c["case"] for c in report.get("bug_cases", [])}
     case = cases.get(args.id)
-    if case is None:
-        cases = {c["id"]: c for c in generate_cases(args.id + 1, report["seed"])}
-        case = cases[args.id]
+    if case is None:  # drawn again exactly as in the run (the draws depend on their number)
+        run = _parser().parse_args(report["command"].split()[3:])
+        if not 0 <= args.id < run.cases:
+            raise SystemExit(f"case {args.id} is not one of the run's {run.cases}")
+        case = generate_cases(run.cases, run.seed, default_fraction=run.default_fraction,
+                              process_fraction=run.process_fraction)[args.id]
     bases = make_bases(os.path.join(tempfile.gettempdir(), "pixelrefine-fuzz-bases"))
     skipped = materialize(case, bases, args.path)
     print(json.dumps(case))
@@ -983,6 +1001,22 @@ def _replay(args: argparse.Namespace) -> int:
         print("skipped:", skipped)
     print("pixelrefine " + " ".join(refine_arguments(case, args.path, args.path + ".out.h5")))
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The long run's command line."""
+    parser = argparse.ArgumentParser(prog="python -m pixelrefine.fuzz", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", type=int, default=10000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    parser.add_argument("--default-fraction", type=float, default=0.05,
+                        help="share of cases refined with the default settings (the rest fast)")
+    parser.add_argument("--process-fraction", type=float, default=0.01,
+                        help="share of cases run as the command in a process of its own")
+    parser.add_argument("--out", default=None, help="JSON file for the counts and the bugs")
+    parser.add_argument("--workdir", default=None, help="keep the work files here")
+    return parser
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -997,18 +1031,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         parser.add_argument("id", type=int)
         parser.add_argument("path")
         return _replay(parser.parse_args(argv[1:]))
-    parser = argparse.ArgumentParser(prog="python -m pixelrefine.fuzz", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", type=int, default=10000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
-    parser.add_argument("--default-fraction", type=float, default=0.05,
-                        help="share of cases refined with the default settings (the rest fast)")
-    parser.add_argument("--process-fraction", type=float, default=0.01,
-                        help="share of cases run as the command in a process of its own")
-    parser.add_argument("--out", default=None, help="JSON file for the counts and the bugs")
-    parser.add_argument("--workdir", default=None, help="keep the work files here")
-    return _long_run(parser.parse_args(argv))
+    return _long_run(_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

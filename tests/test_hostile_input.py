@@ -14,7 +14,6 @@ from click.testing import CliRunner
 import pixelrefine as pr
 from pixelrefine import _core, fuzz
 from pixelrefine.cli import main
-from pixelrefine.io import ShoeboxFileError
 from pixelrefine.validation import ResultsCheckError, check_results, unexplained
 
 from conftest import R0

@@ -123,6 +123,16 @@ def test_zeroed_global_heap_is_refused_not_looped_on(tmp_path, tiny_file):
     assert f"{path}: HDF5 global heap at byte {heap} is corrupt" in run.stdout
 
 
+def test_a_chance_heap_signature_in_the_counts_is_not_taken_for_a_heap(tmp_path, tiny_file):
+    with h5py.File(tiny_file) as f:
+        counts = f["pixels/counts"][()]
+    signature = np.frombuffer(b"GCOL\x01\x00\x00\x00" + np.float32([1e30, 1e30]).tobytes(), "<f4")
+    counts[:4] = signature  # finite values whose bytes read "GCOL", version 1, a huge size
+    path = _copy_with(tmp_path, tiny_file, "pixels/counts", counts)
+    assert open(path, "rb").read().count(b"GCOL\x01") == 2
+    np.testing.assert_array_equal(pr.read_shoeboxes(path).pixels.counts[:4], signature)
+
+
 # ------------------------------------------------------------------ hand-built sets
 
 def _core_arrays(s):

@@ -22,7 +22,10 @@ case before running it); that case is run once more alone to see whether it cras
 and the worker is restarted on the cases left. The report (``--out``) is rewritten every 30 s
 while the run goes (``"complete": false``), so an interrupted run leaves its counts so far.
 
-    python -m pixelrefine.fuzz --cases 10000 --seed 1 --workers 1 --out docs/fuzz-10000.json
+    python -m pixelrefine.fuzz --cases 10000 --seed 1 --save-cases docs/fuzz-10000-cases.jsonl.gz \
+        --workers 1 --out docs/fuzz-10000.json                  # draw, save and run
+    python -m pixelrefine.fuzz --cases-from docs/fuzz-10000-cases.jsonl.gz --workers 1 \
+        --out docs/fuzz-10000.json                              # the same cases again, exactly
     python -m pixelrefine.fuzz replay docs/fuzz-10000.json 1234 case.h5   # one case's file
 """
 
@@ -936,24 +939,56 @@ def _versions() -> dict[str, str]:
         "hdf5": h5py.version.hdf5_version, "python": platform.python_version()}
 
 
+def save_cases(path: str, cases: list[dict]) -> None:
+    """Write drawn cases as gzipped JSON lines (hypothesis reproduces a draw from its seed
+    only "somewhat": a run is repeated exactly from the cases themselves)."""
+    import gzip
+
+    with gzip.open(path + ".writing", "wt", encoding="utf-8") as handle:
+        for case in cases:
+            handle.write(json.dumps(case, sort_keys=True) + "\n")
+    os.replace(path + ".writing", path)
+
+
+def load_cases(path: str) -> list[dict]:
+    """Cases written by ``save_cases``."""
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def cases_digest(cases: list[dict]) -> str:
+    """SHA-256 of the drawn cases (canonical JSON): a reproduction compares it to know it drew
+    the same cases (the draws depend on the seed, the number of cases and hypothesis)."""
+    return hashlib.sha256(json.dumps(cases, sort_keys=True).encode()).hexdigest()
+
+
 def _long_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    cases = generate_cases(args.cases, args.seed, default_fraction=args.default_fraction,
-                           process_fraction=args.process_fraction)
+    if args.cases_from:
+        cases = load_cases(args.cases_from)
+    else:
+        cases = generate_cases(args.cases, args.seed, default_fraction=args.default_fraction,
+                               process_fraction=args.process_fraction)
+    if args.save_cases:
+        save_cases(args.save_cases, cases)
     generated = time.perf_counter() - start
     directory = args.workdir or tempfile.mkdtemp(prefix="pixelrefine-fuzz-")
     last = [0.0]
 
-    command = (f"python -m pixelrefine.fuzz --cases {args.cases} --seed {args.seed} "
-               f"--workers {args.workers} --timeout {args.timeout:g} "
-               f"--default-fraction {args.default_fraction:g} "
-               f"--process-fraction {args.process_fraction:g} --out {args.out}")
+    drawn = (f"--cases-from {args.cases_from}" if args.cases_from else
+             f"--cases {args.cases} --seed {args.seed} --default-fraction {args.default_fraction:g} "
+             f"--process-fraction {args.process_fraction:g}"
+             + (f" --save-cases {args.save_cases}" if args.save_cases else ""))
+    command = (f"python -m pixelrefine.fuzz {drawn} --workers {args.workers} "
+               f"--timeout {args.timeout:g} --out {args.out}")
 
     def write_report(records: list[dict], complete: bool) -> dict:
         done = {r["id"] for r in records}
         summary = summarize([c for c in cases if c["id"] in done], records)
         report = {"command": command, "seed": args.seed, "complete": complete,
-                  "cases_planned": len(cases),
+                  "cases_planned": len(cases), "cases_sha256": cases_digest(cases),
                   "seconds": round(time.perf_counter() - start, 1),
                   "generation_seconds": round(generated, 1), "outcomes": OUTCOMES, **summary,
                   "versions": _versions(),
@@ -988,12 +1023,15 @@ def _replay(args: argparse.Namespace) -> int:
         report = json.load(handle)
     cases = {c["case"]["id"]: c["case"] for c in report.get("bug_cases", [])}
     case = cases.get(args.id)
-    if case is None:  # drawn again exactly as in the run (the draws depend on their number)
+    if case is None:  # the run's own cases (saved), or drawn again as the run drew them
         run = _parser().parse_args(report["command"].split()[3:])
-        if not 0 <= args.id < run.cases:
-            raise SystemExit(f"case {args.id} is not one of the run's {run.cases}")
-        case = generate_cases(run.cases, run.seed, default_fraction=run.default_fraction,
-                              process_fraction=run.process_fraction)[args.id]
+        saved = run.cases_from or run.save_cases
+        cases = (load_cases(saved) if saved and os.path.exists(saved) else
+                 generate_cases(run.cases, run.seed, default_fraction=run.default_fraction,
+                                process_fraction=run.process_fraction))
+        if not 0 <= args.id < len(cases):
+            raise SystemExit(f"case {args.id} is not one of the run's {len(cases)}")
+        case = cases[args.id]
     bases = make_bases(os.path.join(tempfile.gettempdir(), "pixelrefine-fuzz-bases"))
     skipped = materialize(case, bases, args.path)
     print(json.dumps(case))
@@ -1014,6 +1052,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="share of cases refined with the default settings (the rest fast)")
     parser.add_argument("--process-fraction", type=float, default=0.01,
                         help="share of cases run as the command in a process of its own")
+    parser.add_argument("--save-cases", default=None,
+                        help="write the drawn cases here (gzipped JSON lines)")
+    parser.add_argument("--cases-from", default=None,
+                        help="run the cases of this file (from --save-cases) instead of drawing")
     parser.add_argument("--out", default=None, help="JSON file for the counts and the bugs")
     parser.add_argument("--workdir", default=None, help="keep the work files here")
     return parser

@@ -6,6 +6,7 @@
 #   ./dev.sh demo     simulate the default dataset, refine it, report   (the main job)
 #   ./dev.sh test     the test suite (also installs Debian's chromium for the HTML-report test)
 #   ./dev.sh bench    the benchmarks
+#   ./dev.sh fuzz ... fuzzed shoebox files through `pixelrefine refine` (python -m pixelrefine.fuzz)
 #   ./dev.sh setup    set-up only
 #   ./dev.sh run ...  any command inside the environment, e.g. ./dev.sh run pixelrefine --help
 set -euo pipefail
@@ -111,6 +112,7 @@ case "$cmd" in
   demo) exec pixelrefine demo "$@" ;;
   test) ensure_chromium; exec "$PY" -m pytest tests "$@" ;;
   bench) exec "$PY" -m pytest benchmarks --benchmark-only "$@" ;;
+  fuzz) exec "$PY" -m pixelrefine.fuzz "$@" ;;
   run) exec "$@" ;;
-  *) die "usage: ./dev.sh {demo|test|bench|setup|run CMD...}" ;;
+  *) die "usage: ./dev.sh {demo|test|bench|fuzz|setup|run CMD...}" ;;
 esac

@@ -1,12 +1,17 @@
 // pybind11 bindings: arrays cross without copies (noconvert: the dtype must already be the
 // canonical one, which the Python layer guarantees), the GIL is released while solving, and
-// C++ exceptions arrive as Python exceptions (std::invalid_argument -> ValueError).
+// every C++ exception arrives as a Python exception of a documented type:
+//   ValueError   a value, shape or length the core refuses (std::invalid_argument, named);
+//   TypeError    an argument of the wrong type, dtype or memory layout (not C-contiguous);
+//   MemoryError  an allocation that failed (std::bad_alloc);
+//   RuntimeError "internal error in the pixelrefine core: ..." for anything else (a bug).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <glog/logging.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <sstream>
@@ -25,6 +30,9 @@ namespace {
 
 template <typename T>
 using Array = py::array_t<T, py::array::c_style>;
+
+constexpr int kMaxPasses = 1000;  // evaluate_image: passes before the evaluation
+constexpr int64_t kMaxThreads = 256;
 
 // Checks a C-contiguous array's shape; -1 matches any length. Returns its data pointer.
 template <typename T>
@@ -49,7 +57,33 @@ T* checked_mutable(Array<T>& a, const char* name, std::vector<py::ssize_t> shape
   return a.mutable_data();
 }
 
-// A validated view that keeps the NumPy arrays it points into alive.
+// Length of an array's first axis (ValueError for a 0-d array, which has none).
+py::ssize_t rows(const py::array& a, const char* name) {
+  if (a.ndim() < 1)
+    throw std::invalid_argument(std::string(name) + ": expected an array with rows, got a scalar");
+  return a.shape(0);
+}
+
+const char* dtype_name(float) { return "float32"; }
+const char* dtype_name(double) { return "float64"; }
+const char* dtype_name(int16_t) { return "int16"; }
+const char* dtype_name(int32_t) { return "int32"; }
+const char* dtype_name(int64_t) { return "int64"; }
+const char* dtype_name(uint8_t) { return "uint8"; }
+
+// `obj` itself as a C-contiguous array of T (no conversion, no copy), or TypeError.
+template <typename T>
+Array<T> exact_array(const py::handle& obj, const char* name) {
+  if (!py::isinstance<Array<T>>(obj))
+    throw py::type_error(std::string(name) + " must be a C-contiguous " + dtype_name(T{}) +
+                         " NumPy array");
+  return py::reinterpret_borrow<Array<T>>(obj);
+}
+
+// A validated view that keeps the NumPy arrays it points into alive. The arrays that index
+// others (panel size, crystal index, image_id, panel, bbox, pixel_offset) are copied, so that
+// a caller who edits its arrays after validation cannot send the core out of bounds (the
+// float arrays are shared: an edit there changes values, never addresses).
 class CoreShoeboxSet {
  public:
   CoreShoeboxSet(Array<double> origin, Array<double> fast_axis, Array<double> slow_axis,
@@ -59,41 +93,81 @@ class CoreShoeboxSet {
                  Array<int32_t> image_id, Array<int16_t> panel, Array<int32_t> miller_index,
                  Array<double> intensity_ref, Array<int32_t> bbox, Array<int64_t> pixel_offset,
                  Array<float> background, Array<float> counts, Array<uint8_t> mask)
-      : keep_{origin, fast_axis, slow_axis, pixel_size, size, read_noise, wavelength,
-              bandwidth, A_matrix, polarization_fraction, crystal_index, image_id, panel,
-              miller_index, intensity_ref, bbox, pixel_offset, background, counts, mask} {
-    const py::ssize_t P = pixel_size.shape(0), N = wavelength.shape(0), M = image_id.shape(0),
-                      T = counts.shape(0);
+      : keep_{origin, fast_axis, slow_axis, pixel_size, wavelength, bandwidth, A_matrix,
+              polarization_fraction, miller_index, intensity_ref, background, counts, mask} {
+    const py::ssize_t P = rows(pixel_size, "/detector/pixel_size"),
+                      N = rows(wavelength, "/images/wavelength"),
+                      M = rows(image_id, "/reflections/image_id"), T = rows(counts, "/pixels/counts");
     view_.n_panels = P;
     view_.origin = checked(origin, "/detector/origin", {P, 3});
     view_.fast_axis = checked(fast_axis, "/detector/fast_axis", {P, 3});
     view_.slow_axis = checked(slow_axis, "/detector/slow_axis", {P, 3});
     view_.pixel_size = checked(pixel_size, "/detector/pixel_size", {P});
-    view_.panel_size = checked(size, "/detector/size", {P, 2});
+    view_.panel_size = copied(size, "/detector/size", {P, 2}, size_);
     view_.read_noise = checked(read_noise, "/detector/read_noise", {P});
     view_.n_images = N;
     view_.wavelength = checked(wavelength, "/images/wavelength", {N});
     view_.bandwidth = checked(bandwidth, "/images/bandwidth", {N});
     view_.A_matrix = checked(A_matrix, "/images/A_matrix", {N, 3, 3});
     view_.polarization_fraction = checked(polarization_fraction, "/images/polarization_fraction", {N});
-    view_.crystal_index = checked(crystal_index, "/images/crystal_id", {N});
+    view_.crystal_index = copied(crystal_index, "/images/crystal_id", {N}, crystal_index_);
     view_.n_reflections = M;
-    view_.image_id = checked(image_id, "/reflections/image_id", {M});
-    view_.panel = checked(panel, "/reflections/panel", {M});
+    view_.image_id = copied(image_id, "/reflections/image_id", {M}, image_id_);
+    view_.panel = copied(panel, "/reflections/panel", {M}, panel_);
     view_.miller_index = checked(miller_index, "/reflections/miller_index", {M, 3});
     view_.intensity_ref = checked(intensity_ref, "/reflections/intensity_ref", {M});
-    view_.bbox = checked(bbox, "/reflections/bbox", {M, 4});
-    view_.pixel_offset = checked(pixel_offset, "/reflections/pixel_offset", {M});
+    view_.bbox = copied(bbox, "/reflections/bbox", {M, 4}, bbox_);
+    view_.pixel_offset = copied(pixel_offset, "/reflections/pixel_offset", {M}, pixel_offset_);
     view_.background = checked(background, "/reflections/background", {M});
     view_.n_pixels = T;
     view_.counts = checked(counts, "/pixels/counts", {T});
     view_.mask = checked(mask, "/pixels/mask", {T});
     view_.validate();
   }
+
+  // From any Python objects: each must already be a C-contiguous array of its canonical dtype
+  // (TypeError naming it otherwise; nothing is converted).
+  static CoreShoeboxSet from_objects(const std::vector<py::object>& a) {
+    if (a.size() != 20) throw std::invalid_argument("CoreShoeboxSet takes 20 arrays");
+    return CoreShoeboxSet(
+        exact_array<double>(a[0], "/detector/origin"), exact_array<double>(a[1], "/detector/fast_axis"),
+        exact_array<double>(a[2], "/detector/slow_axis"),
+        exact_array<double>(a[3], "/detector/pixel_size"), exact_array<int32_t>(a[4], "/detector/size"),
+        exact_array<double>(a[5], "/detector/read_noise"),
+        exact_array<double>(a[6], "/images/wavelength"), exact_array<double>(a[7], "/images/bandwidth"),
+        exact_array<double>(a[8], "/images/A_matrix"),
+        exact_array<double>(a[9], "/images/polarization_fraction"),
+        exact_array<int32_t>(a[10], "crystal_index"), exact_array<int32_t>(a[11], "/reflections/image_id"),
+        exact_array<int16_t>(a[12], "/reflections/panel"),
+        exact_array<int32_t>(a[13], "/reflections/miller_index"),
+        exact_array<double>(a[14], "/reflections/intensity_ref"),
+        exact_array<int32_t>(a[15], "/reflections/bbox"),
+        exact_array<int64_t>(a[16], "/reflections/pixel_offset"),
+        exact_array<float>(a[17], "/reflections/background"), exact_array<float>(a[18], "/pixels/counts"),
+        exact_array<uint8_t>(a[19], "/pixels/mask"));
+  }
+
+  // Moved, never copied: view_ points into the members' buffers, which a move keeps.
+  CoreShoeboxSet(CoreShoeboxSet&&) = default;
+  CoreShoeboxSet(const CoreShoeboxSet&) = delete;
+  CoreShoeboxSet& operator=(const CoreShoeboxSet&) = delete;
+
   const ShoeboxSetView& view() const { return view_; }
 
  private:
+  template <typename T>
+  static const T* copied(const Array<T>& a, const char* name, std::vector<py::ssize_t> shape,
+                         std::vector<T>& store) {
+    const T* data = checked(a, name, shape);
+    store.reserve(std::max<size_t>(1, size_t(a.size())));  // data() is not null when empty
+    store.assign(data, data + a.size());
+    return store.data();
+  }
+
   std::vector<py::object> keep_;
+  std::vector<int32_t> size_, crystal_index_, image_id_, bbox_;
+  std::vector<int16_t> panel_;
+  std::vector<int64_t> pixel_offset_;
   ShoeboxSetView view_;
 };
 
@@ -135,11 +209,9 @@ const ResultField kResultFields[] = {
 template <typename T>
 T* result_array(py::dict results, const char* key, std::vector<py::ssize_t> shape) {
   if (!results.contains(key)) throw std::invalid_argument(std::string("results: missing ") + key);
-  py::object obj = py::reinterpret_borrow<py::object>(results[key]);
-  Array<T> a = obj.cast<Array<T>>();
-  if (!obj.is(a) || !a.writeable())
-    throw std::invalid_argument(std::string("results: ") + key + " must be a writeable C-contiguous " +
-                                (std::is_same<T, int32_t>::value ? "int32" : "float64") + " array");
+  Array<T> a = exact_array<T>(results[key], (std::string("results: ") + key).c_str());
+  if (!a.writeable())
+    throw std::invalid_argument(std::string("results: ") + key + " is read-only");
   return checked_mutable(a, key, shape);
 }
 
@@ -157,16 +229,44 @@ ResultsView results_view(py::dict results, int64_t n_images, int64_t n_reflectio
   return out;
 }
 
+// The arrays are the caller's own (no conversion), so the pointers stay valid while it runs.
 ImageModel image_model(const ShoeboxSetView& set, const Array<double>& R0,
                        const py::object& rotation, const py::object& detector_shift, double eta) {
   const py::ssize_t N = set.n_images;
   ImageModel model;
   model.R0 = checked(R0, "R0", {N});
-  if (!rotation.is_none()) model.rotation = checked(rotation.cast<Array<double>>(), "rotation", {N, 3});
+  for (py::ssize_t i = 0; i < N; ++i)
+    if (!(model.R0[i] >= 0.0) || !std::isfinite(model.R0[i]))
+      throw std::invalid_argument("R0 row " + std::to_string(i) + ": must be finite and >= 0");
+  if (!rotation.is_none())
+    model.rotation = checked(exact_array<double>(rotation, "rotation"), "rotation", {N, 3});
   if (!detector_shift.is_none())
-    model.detector_shift = checked(detector_shift.cast<Array<double>>(), "detector_shift", {N});
+    model.detector_shift =
+        checked(exact_array<double>(detector_shift, "detector_shift"), "detector_shift", {N});
+  if (!(eta >= 0.0) || !std::isfinite(eta)) throw std::invalid_argument("eta must be finite and >= 0");
   model.eta = eta;
   return model;
+}
+
+// Every C++ exception as a Python exception of a documented type (see the top of this file).
+void translate_exception(std::exception_ptr error) {
+  try {
+    if (error) std::rethrow_exception(error);
+  } catch (const py::builtin_exception&) {
+    throw;  // pybind11's own (TypeError, ValueError, ...) keep their type
+  } catch (const py::error_already_set&) {
+    throw;
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::bad_alloc&) {
+    PyErr_SetString(PyExc_MemoryError, "the pixelrefine core ran out of memory");
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError,
+                    (std::string("internal error in the pixelrefine core: ") + e.what()).c_str());
+  } catch (...) {
+    PyErr_SetString(PyExc_RuntimeError,
+                    "internal error in the pixelrefine core: an unknown C++ exception");
+  }
 }
 
 // (G, B, R1, a, c, t, s, omega[3], shift) as a parameter set.
@@ -188,23 +288,33 @@ PYBIND11_MODULE(_core, m) {
   // Ceres logs through glog; per-image problems report through status codes instead, so
   // only errors reach stderr (a non-finite residual is a warning Ceres recovers from).
   FLAGS_minloglevel = google::GLOG_ERROR;
+  py::register_exception_translator(&translate_exception);
 
   py::class_<CoreShoeboxSet>(m, "CoreShoeboxSet",
                              "Validated zero-copy view of a ShoeboxSet's arrays (canonical dtypes).")
-      .def(py::init<Array<double>, Array<double>, Array<double>, Array<double>, Array<int32_t>,
-                    Array<double>, Array<double>, Array<double>, Array<double>, Array<double>,
-                    Array<int32_t>, Array<int32_t>, Array<int16_t>, Array<int32_t>, Array<double>,
-                    Array<int32_t>, Array<int64_t>, Array<float>, Array<float>, Array<uint8_t>>(),
-           py::arg("origin").noconvert(), py::arg("fast_axis").noconvert(),
-           py::arg("slow_axis").noconvert(), py::arg("pixel_size").noconvert(),
-           py::arg("size").noconvert(), py::arg("read_noise").noconvert(),
-           py::arg("wavelength").noconvert(), py::arg("bandwidth").noconvert(),
-           py::arg("A_matrix").noconvert(), py::arg("polarization_fraction").noconvert(),
-           py::arg("crystal_index").noconvert(), py::arg("image_id").noconvert(),
-           py::arg("panel").noconvert(), py::arg("miller_index").noconvert(),
-           py::arg("intensity_ref").noconvert(), py::arg("bbox").noconvert(),
-           py::arg("pixel_offset").noconvert(), py::arg("background").noconvert(),
-           py::arg("counts").noconvert(), py::arg("mask").noconvert())
+      .def(py::init([](py::object origin, py::object fast_axis, py::object slow_axis, py::object pixel_size, py::object size, py::object read_noise, py::object wavelength, py::object bandwidth, py::object A_matrix, py::object polarization_fraction, py::object crystal_index, py::object image_id, py::object panel, py::object miller_index, py::object intensity_ref, py::object bbox, py::object pixel_offset, py::object background, py::object counts, py::object mask) {
+             return CoreShoeboxSet::from_objects({origin, fast_axis, slow_axis, pixel_size, size, read_noise, wavelength, bandwidth, A_matrix, polarization_fraction, crystal_index, image_id, panel, miller_index, intensity_ref, bbox, pixel_offset, background, counts, mask});
+           }),
+           py::arg("origin"),
+           py::arg("fast_axis"),
+           py::arg("slow_axis"),
+           py::arg("pixel_size"),
+           py::arg("size"),
+           py::arg("read_noise"),
+           py::arg("wavelength"),
+           py::arg("bandwidth"),
+           py::arg("A_matrix"),
+           py::arg("polarization_fraction"),
+           py::arg("crystal_index"),
+           py::arg("image_id"),
+           py::arg("panel"),
+           py::arg("miller_index"),
+           py::arg("intensity_ref"),
+           py::arg("bbox"),
+           py::arg("pixel_offset"),
+           py::arg("background"),
+           py::arg("counts"),
+           py::arg("mask"))
       .def_property_readonly("n_images", [](const CoreShoeboxSet& s) { return s.view().n_images; })
       .def_property_readonly("n_reflections",
                              [](const CoreShoeboxSet& s) { return s.view().n_reflections; })
@@ -247,6 +357,8 @@ PYBIND11_MODULE(_core, m) {
       "evaluate_image",
       [](const CoreShoeboxSet& set, const RefineOptions& options, int64_t image,
          std::vector<double> values, std::vector<double> held, int passes) {
+        if (passes < 1 || passes > kMaxPasses)
+          throw std::invalid_argument("passes must lie in [1, " + std::to_string(kMaxPasses) + "]");
         const ImageParameters params = parameters_from(values, "values");
         const ImageParameters at = parameters_from(held.empty() ? values : held, "held");
         ImageEvaluation e;
@@ -296,7 +408,8 @@ PYBIND11_MODULE(_core, m) {
               model_counts(v, i, options, view, mu_out, var_out);
           };
           std::vector<std::thread> pool;
-          for (int t = 1; t < std::max(1, n_threads); ++t) pool.emplace_back(worker);
+          const int threads = int(std::max<int64_t>(1, std::min<int64_t>({n_threads, kMaxThreads, v.n_images})));
+          for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
           worker();
           for (std::thread& t : pool) t.join();
         }
@@ -315,7 +428,7 @@ PYBIND11_MODULE(_core, m) {
       [](const CoreShoeboxSet& set, Array<int32_t> image_id, Array<int16_t> panel,
          Array<int32_t> miller_index, Array<double> R0, double eta, py::object rotation,
          py::object detector_shift) {
-        const py::ssize_t M = image_id.shape(0);
+        const py::ssize_t M = rows(image_id, "image_id");
         PredictionArrays arrays;
         arrays.n = M;
         arrays.image_id = checked(image_id, "image_id", {M});

@@ -123,6 +123,15 @@ inline Prediction<T> predict(const double A[9], const int32_t hkl[3], double wav
   return out;
 }
 
+// Whether every number of a prediction is finite (an extreme geometry can overflow it).
+inline bool prediction_finite(const Prediction<double>& p) {
+  bool ok = std::isfinite(p.excitation_error) && std::isfinite(p.d) && std::isfinite(p.x) &&
+            std::isfinite(p.y) && std::isfinite(p.polarization);
+  for (int i = 0; i < 3; ++i)
+    ok = ok && std::isfinite(p.s_hat[i]) && std::isfinite(p.e1[i]) && std::isfinite(p.e2[i]);
+  return ok;
+}
+
 // R0_eff^2 = R0^2 + R_mos^2 + R_bw^2, with R_mos^2 = 2 (eta cos(theta)/d)^2 and
 // R_bw^2 = (b lambda)^2 / (2 d^4); sin(theta) = lambda / (2 d).
 template <typename T>

@@ -976,6 +976,8 @@ int ImageRefinement::decide_status(bool converged) const {
   return kConverged;
 }
 
+double finite_or_nan(double x) { return std::isfinite(x) ? x : kNaN; }
+
 void ImageRefinement::write() const {
   write_image();
   write_reflections();
@@ -1031,11 +1033,12 @@ void ImageRefinement::write_reflections() const {
   const double R0_sigma = options_.R0_sigma.empty() ? 0.0 : options_.R0_sigma[crystal];
   for (const ReflectionFit& rf : work_.reflections) {
     const int64_t r = rf.row;
-    out_.partiality[r] = rf.partiality;
-    out_.excitation_error[r] = rf.pred.excitation_error;
-    out_.d[r] = rf.pred.d;
-    out_.xyzcal[2 * r] = rf.pred.x;
-    out_.xyzcal[2 * r + 1] = rf.pred.y;
+    // An overflowed prediction (flagged kBadPrediction) is written NaN, never +-inf.
+    out_.partiality[r] = finite_or_nan(rf.partiality);
+    out_.excitation_error[r] = finite_or_nan(rf.pred.excitation_error);
+    out_.d[r] = finite_or_nan(rf.pred.d);
+    out_.xyzcal[2 * r] = finite_or_nan(rf.pred.x);
+    out_.xyzcal[2 * r + 1] = finite_or_nan(rf.pred.y);
     int32_t flags = rf.flags | (scaled ? 0 : kNotRefined);
     const bool integrated = rf.integrated() && std::isfinite(rf.stats.J) && !solver_failed_;
     const ReflectionStatistics& st = rf.stats;
@@ -1057,7 +1060,11 @@ void ImageRefinement::write_reflections() const {
     out_.chi2_pixel_reflection[r] = integrated && dof > 0 ? st.chi2 / (k * k * dof) : kNaN;
     if (out_.chi2_pixel_reflection[r] > options_.chi2_max) flags |= kPoorFitReflection;
     const bool reference = !(rf.flags & kNoReference);
-    out_.intensity_model[r] = scaled && reference ? model_intensity(rf, held_) : kNaN;
+    // J_model overflows only where the prediction is absurd (d far below the wavelength's
+    // scale: B_term = exp(-B/4d^2)); it is then no prediction, flagged, and written NaN.
+    const double model = scaled && reference ? model_intensity(rf, held_) : kNaN;
+    if (std::isinf(model)) flags |= kBadPrediction;
+    out_.intensity_model[r] = finite_or_nan(model);
     // intensity_scaled = J / (G B_term p pol), with the counting sigma and G, B's covariance.
     const double c = scaled ? intensity_model(held_.G, held_.B, rf.pred.d, rf.partiality,
                                               rf.pred.polarization, 1.0) : kNaN;
@@ -1191,7 +1198,8 @@ void refine_images(const ShoeboxSetView& set, const RefineOptions& options, int6
       }
     }
   };
-  const int threads = std::max(1, std::min<int>(n_threads, int(last - first)));
+  // At most 256 threads (a thread that cannot be started would end the process).
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>({n_threads, 256, last - first})));
   if (threads == 1) {
     worker();
   } else {

@@ -772,7 +772,9 @@ void update_geometry(ImageWork& work, const ImageParameters& params) {
     rf.pred = predict(work.A, rf.hkl, work.wavelength, work.polarization_fraction, *rf.panel,
                       params.rotation, params.detector_shift);
     // Bragg's law needs d >= lambda/2 (sin(theta) <= 1); beyond it nothing is predicted.
-    if (!rf.pred.hits_panel || !(rf.pred.d >= 0.5 * work.wavelength)) rf.flags |= kBadPrediction;
+    // A geometry so extreme that the prediction overflows predicts nothing either.
+    if (!rf.pred.hits_panel || !(rf.pred.d >= 0.5 * work.wavelength) || !prediction_finite(rf.pred))
+      rf.flags |= kBadPrediction;
     else rf.flags &= ~kBadPrediction;
     rf.partiality = partiality(rf.pred.excitation_error,
                                partiality_width_sq(params.R0, params.eta, rf.pred.d,

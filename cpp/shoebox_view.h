@@ -50,6 +50,13 @@ struct ShoeboxSetView {
 
   int64_t first_reflection(int64_t image) const { return image_start[image]; }
   int64_t end_reflection(int64_t image) const { return image_start[image + 1]; }
+
+ private:
+  void validate_detector();
+  void validate_images();
+  void validate_reflections();
+  void check_pixels_disjoint() const;
+  void validate_pixels() const;
 };
 
 // Result arrays, one row per image or per reflection, written in place by the core. The

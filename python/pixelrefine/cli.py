@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -11,6 +12,7 @@ import numpy as np
 
 from .io import COMPRESSION, check_output_path, read_results, read_shoeboxes, write_results, write_shoeboxes
 from .refine import refine as refine_set
+from .validation import ResultsCheckError
 from .report import format_report
 from .simulate import simulate as simulate_set
 
@@ -35,37 +37,111 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
     return options
 
 
-@click.group()
+def _message(error: BaseException) -> str:
+    """An exception's message on one line."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(text.split()) or type(error).__name__
+
+
+class _Command(click.Group):
+    """The command group, with every error a one-line message (``Error: ...``, exit 1; usage
+    errors exit 2): input files' errors name the file, the dataset and the first bad row;
+    anything unexpected is an internal error, and Ctrl-C exits 130. ``PIXELREFINE_TRACEBACK=1``
+    lets unexpected errors through with their traceback (for debugging)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted", err=True)
+            ctx.exit(130)
+        except ResultsCheckError as error:
+            raise click.ClickException(_message(error)) from None
+        except (ValueError, TypeError, OSError) as error:  # OSError: FileExistsError, a full disk
+            raise click.ClickException(_message(error)) from None
+        except MemoryError:
+            raise click.ClickException("out of memory") from None
+        except Exception as error:
+            if os.environ.get("PIXELREFINE_TRACEBACK"):
+                raise
+            raise click.ClickException(f"internal error ({type(error).__name__}: {_message(error)}); "
+                                       f"please report it, with PIXELREFINE_TRACEBACK=1 for the "
+                                       f"traceback") from None
+
+
+@click.group(cls=_Command)
 @click.version_option(package_name="pixelrefine")
 def main() -> None:
     """Refine serial-crystallography still images reflection by reflection."""
 
 
+class _Finite(click.ParamType):
+    """A finite float within [low, high] (click's FloatRange lets NaN through)."""
+
+    name = "float"
+
+    def __init__(self, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False):
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        below = number <= self.low if self.low_open else number < self.low
+        if not math.isfinite(number) or below or number > self.high:
+            bound = ">" if self.low_open else ">="
+            self.fail(f"{value!r} must be finite and {bound} {self.low:g}", param, ctx)
+        return number
+
+
+POSITIVE = _Finite(0.0, low_open=True)
+NON_NEGATIVE = _Finite(0.0)
+AT_LEAST_ONE = click.IntRange(min=1)
+
+
 @main.command()
 @click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--images", "n_images", default=20, show_default=True, help="Number of stills.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--max-reflections", type=int, default=None, help="At most this many per image.")
-@click.option("--reference-error", default=0.05, show_default=True, help="Relative error of I_ref.")
-@click.option("--R0", "R0", default=5e-4, show_default=True, help="True partiality width (Å⁻¹).")
+@click.option("--images", "n_images", type=AT_LEAST_ONE, default=20, show_default=True,
+              help="Number of stills.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--max-reflections", type=AT_LEAST_ONE, default=None, help="At most this many per image.")
+@click.option("--reference-error", type=NON_NEGATIVE, default=0.05, show_default=True,
+              help="Relative error of I_ref.")
+@click.option("--R0", "R0", type=POSITIVE, default=5e-4, show_default=True,
+              help="True partiality width (Å⁻¹).")
 @click.option("--compression", type=click.Choice([c for c in COMPRESSION if c]), default="gzip",
               show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def simulate(output, n_images, seed, max_reflections, reference_error, R0, compression, overwrite):
     """Simulate still images with known truth and write a shoebox file (with /truth)."""
+    check_output_path(output, overwrite=overwrite)
     shoeboxes = simulate_set(n_images, seed=seed, max_reflections=max_reflections,
                              reference_error=reference_error, R0=R0)
-    write_shoeboxes(output, shoeboxes, compression=compression, overwrite=overwrite)
+    _write(output, lambda: write_shoeboxes(output, shoeboxes, compression=compression,
+                                           overwrite=overwrite))
     click.echo(f"wrote {output}: {shoeboxes.n_images} images, {shoeboxes.n_reflections} reflections")
+
+
+def _write(path: str, write) -> None:
+    """Run ``write``; an OSError (a full disk, a folder removed meanwhile) names the path."""
+    try:
+        write()
+    except FileExistsError:
+        raise
+    except OSError as error:
+        raise click.ClickException(f"{path}: could not be written ({_message(error)})") from None
 
 
 @main.command()
 @click.argument("input_file", type=click.Path(exists=True, dir_okay=False))
 @click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--R0", "R0", type=float, default=None,
+@click.option("--R0", "R0", type=NON_NEGATIVE, default=None,
               help="Partiality width R0 (Å⁻¹) for every crystal, held fixed. Default: refined per "
                    "crystal (two-level fit).")
-@click.option("--R0-prior", "R0_prior", type=(float, float), default=None, metavar="MEAN SD",
+@click.option("--R0-prior", "R0_prior", type=(_Finite(), POSITIVE), default=None, metavar="MEAN SD",
               help="Gaussian prior on R0 (Å⁻¹) when it is refined.")
 @click.option("--objective", type=click.Choice(["factored", "pixel"]), default="factored",
               show_default=True)
@@ -73,13 +149,14 @@ def simulate(output, n_images, seed, max_reflections, reference_error, R0, compr
               default="auto", show_default=True, help="Spot profile model (auto: chosen by the data).")
 @click.option("--background", type=click.Choice(["auto", "flat", "plane"]), default="auto",
               show_default=True, help="Background per shoebox (auto: a plane in boxes that allow one).")
-@click.option("--error-scale", type=float, default=None,
+@click.option("--error-scale", type=POSITIVE, default=None,
               help="σ inflation k of the error model, held. Default: estimated from the data.")
-@click.option("--reference-error", type=float, default=None,
+@click.option("--reference-error", type=NON_NEGATIVE, default=None,
               help="Relative error f of I_ref, held. Default: estimated from the data.")
-@click.option("--eta", type=float, default=0.0, show_default=True, help="Mosaic spread η (rad), given.")
-@click.option("--threads", default=os.cpu_count() or 1, show_default=True)
-@click.option("--sigma-G", "sigma_G", type=float, default=None,
+@click.option("--eta", type=NON_NEGATIVE, default=0.0, show_default=True,
+              help="Mosaic spread η (rad), given.")
+@click.option("--threads", type=AT_LEAST_ONE, default=os.cpu_count() or 1, show_default=True)
+@click.option("--sigma-G", "sigma_G", type=POSITIVE, default=None,
               help="Prior on G, relative to the scale found (each crystal's median G after the "
                    "first round): G ~ N(Ĝ, (σ_G Ĝ)²).")
 @click.option("--refine-geometry/--no-refine-geometry", default=None,
@@ -92,12 +169,9 @@ def simulate(output, n_images, seed, max_reflections, reference_error, R0, compr
 def refine(input_file, output, R0, R0_prior, objective, profile, background, error_scale,
            reference_error, eta, threads, sigma_G, refine_geometry, extra, overwrite, progress):
     """Refine every image of INPUT_FILE and write a new results file OUTPUT."""
-    try:
-        check_output_path(output, overwrite=overwrite, inputs=(input_file,))
-        shoeboxes = read_shoeboxes(input_file)
-    except (ValueError, FileExistsError) as error:
-        raise click.ClickException(str(error)) from None
+    check_output_path(output, overwrite=overwrite, inputs=(input_file,))
     options = _parse_options(extra)
+    shoeboxes = read_shoeboxes(input_file)
     if sigma_G is not None:
         options["sigma_G"] = sigma_G
     options["background"] = background
@@ -110,15 +184,13 @@ def refine(input_file, output, R0, R0_prior, objective, profile, background, err
                              reference_error=reference_error, eta=eta, n_threads=threads,
                              progress=sys.stderr.isatty() if progress is None else progress,
                              **options)
-    except (ValueError, TypeError) as error:
-        raise click.ClickException(str(error)) from None
+    except ResultsCheckError as error:
+        raise click.ClickException(f"{input_file}: {_message(error)}") from None
     elapsed = time.perf_counter() - start
-    try:
-        write_results(output, results, overwrite=overwrite)
-    except (ValueError, FileExistsError, OSError) as error:
-        raise click.ClickException(str(error)) from None
+    _write(output, lambda: write_results(output, results, overwrite=overwrite))
     click.echo(f"refined {results.n_images} images in {elapsed:.2f} s "
-               f"({results.n_images / elapsed:.0f} images/s on {threads} thread(s)); wrote {output}")
+               f"({results.n_images / max(elapsed, 1e-9):.0f} images/s on {threads} thread(s)); "
+               f"wrote {output}")
 
 
 @main.command()
@@ -135,14 +207,22 @@ def refine(input_file, output, R0, R0_prior, objective, profile, background, err
 @click.option("--overwrite", is_flag=True, help="Replace the HTML file if it exists.")
 def report(results_file, shoebox_file, per_image, html_file, space_group, overwrite):
     """Print a summary of a results file: parameters and their spread over images."""
+    if html_file:
+        check_output_path(html_file, overwrite=overwrite, inputs=(results_file, shoebox_file))
+    results = read_results(results_file)
+    shoeboxes = read_shoeboxes(shoebox_file) if shoebox_file else None
+    if shoeboxes is not None:
+        rows = (len(results.images["G"]), len(results.reflections["flags"]))
+        if rows != (shoeboxes.n_images, shoeboxes.n_reflections):
+            raise click.ClickException(
+                f"{results_file}: has {rows[0]} images and {rows[1]} reflections, but "
+                f"{shoebox_file} has {shoeboxes.n_images} and {shoeboxes.n_reflections}: "
+                f"not its results")
     try:
-        if html_file:
-            check_output_path(html_file, overwrite=overwrite, inputs=(results_file, shoebox_file))
-        results = read_results(results_file)
-        shoeboxes = read_shoeboxes(shoebox_file) if shoebox_file else None
-    except (ValueError, FileExistsError) as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(format_report(results, shoeboxes, per_image=per_image))
+        text = format_report(results, shoeboxes, per_image=per_image)
+    except (ValueError, TypeError) as error:  # options of the file the core refuses
+        raise click.ClickException(f"{results_file}: cannot be reported: {_message(error)}") from None
+    click.echo(text)
     if html_file:
         _write_html(html_file, results, results_file, shoebox_file, space_group)
 
@@ -313,8 +393,9 @@ def merge(results_file, output, shoebox_file, space_group, d_min, n_shells, reje
 @main.command()
 @click.option("--dir", "directory", default="demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the demo's shoebox and results files go (replaced each run).")
-@click.option("--images", "n_images", default=DEMO_SETTINGS["n_images"], show_default=True)
-@click.option("--threads", default=os.cpu_count() or 1, show_default=True)
+@click.option("--images", "n_images", type=AT_LEAST_ONE, default=DEMO_SETTINGS["n_images"],
+              show_default=True)
+@click.option("--threads", type=AT_LEAST_ONE, default=os.cpu_count() or 1, show_default=True)
 @click.option("--objective", type=click.Choice(["factored", "pixel"]), default="factored",
               show_default=True)
 def demo(directory, n_images, threads, objective):
@@ -324,6 +405,8 @@ def demo(directory, n_images, threads, objective):
     os.makedirs(directory, exist_ok=True)
     shoebox_path = os.path.join(directory, "shoeboxes.h5")
     results_path = os.path.join(directory, f"results-{objective}.h5")
+    for path in (shoebox_path, results_path):
+        check_output_path(path, overwrite=True)
     settings = {**DEMO_SETTINGS, "n_images": n_images}
     click.echo(f"simulating {n_images} stills (seed {settings['seed']}) → {shoebox_path}")
     shoeboxes = simulate_set(**settings)

@@ -283,6 +283,17 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
     Returns
     -------
     Results
+        Checked on the way out (``validation.check_results``): nothing that is not finite
+        without a status or flag that explains it.
+
+    Raises
+    ------
+    ValueError
+        For an invalid set (naming its source, the dataset and the first bad row) or option.
+    TypeError
+        For an unknown option or one of the wrong type.
+    validation.ResultsCheckError
+        For a result the checks find unexplained (an internal error: please report).
     """
     from . import __version__
 
@@ -292,8 +303,13 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
             raise TypeError(f"pass {name} as refine()'s own argument")
     if profile not in ("auto", "isotropic", "anisotropic", "tail"):
         raise ValueError(f"profile must be 'auto', 'isotropic', 'anisotropic' or 'tail', not {profile!r}")
+    if not isinstance(shoeboxes, ShoeboxSet):
+        raise TypeError(f"shoeboxes must be a ShoeboxSet, not {type(shoeboxes).__name__}")
     if not (isinstance(max_global, int) and max_global >= 1):
         raise ValueError("max_global must be an integer >= 1")
+    if not (isinstance(n_threads, (int, np.integer)) and 1 <= n_threads <= 4096):
+        raise ValueError(f"n_threads must be an integer in [1, 4096], not {n_threads!r}")
+    n_threads = int(n_threads)
     if R0_prior is not None and not (np.isfinite(R0_prior[0]) and R0_prior[1] > 0):
         raise ValueError("R0_prior must be (finite mean, sd > 0)")
     shoeboxes.core()
@@ -335,6 +351,8 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
                        R0_prior=R0_prior)
     results = loop.run(profile, max_global)
     results.package_version = __version__
+    from .validation import check_results
+    check_results(results, shoeboxes.reflections.image_id)
     return results
 
 

@@ -17,10 +17,60 @@ from . import _core
 __all__ = ["Detector", "Images", "Reflections", "Pixels", "ShoeboxSet"]
 
 
-def _canonical(group: Any, dtypes: dict[str, Any]) -> None:
-    for name, dtype in dtypes.items():
-        value = getattr(group, name)
-        setattr(group, name, np.ascontiguousarray(value, dtype=dtype))
+def as_column(value: Any, dtype: Any, ndim: int, dataset: str) -> np.ndarray:
+    """``value`` as a C-contiguous array of ``dtype`` with ``ndim`` dimensions, converted only
+    where nothing is lost.
+
+    Any real dtype converts to a float column, unless a finite value would overflow it; an
+    integer column takes integers (and booleans) within its range, and floats only where
+    they are whole numbers in range. Read-only and non-contiguous arrays are copied.
+
+    Raises
+    ------
+    TypeError
+        For values that are not real numbers (strings, objects, complex numbers).
+    ValueError
+        For a wrong number of dimensions or a value the dtype cannot hold, naming
+        ``dataset`` and the first bad row.
+    """
+    target = np.dtype(dtype)
+    if (isinstance(value, np.ndarray) and value.dtype == target and value.ndim == ndim
+            and value.flags.c_contiguous and not value.flags.writeable):
+        return value  # already canonical
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:  # e.g. ragged nested lists
+        raise ValueError(f"{dataset}: not an array of numbers ({error})") from None
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{dataset}: must hold real numbers, not dtype {array.dtype}")
+    if array.ndim != ndim and not (array.size == 0 and ndim > 1):
+        raise ValueError(f"{dataset}: expected {ndim} dimension(s), found shape {array.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = array.astype(target)
+    if target.kind == "f":
+        lost = np.isinf(converted) & ~np.isinf(array)
+    elif array.dtype.kind == "f":
+        info = np.iinfo(target)
+        lost = ~(np.isfinite(array) & (array >= info.min) & (array <= info.max)
+                 & (np.floor(array) == array))
+    else:
+        info = np.iinfo(target)
+        lost = (array < info.min) | (array > info.max)
+    if np.any(lost):
+        where = tuple(np.argwhere(np.atleast_1d(lost))[0])
+        bad = np.atleast_1d(array)[where]
+        what = ("is not a whole number" if array.dtype.kind == "f" and target.kind != "f"
+                and np.isfinite(bad) and np.floor(bad) != bad else f"is out of range for {target}")
+        raise ValueError(f"{dataset} row {where[0]}: value {bad.item()!r} {what}")
+    column = np.ascontiguousarray(converted).view()
+    column.flags.writeable = False  # shared with the core once validated: no edits in place
+    return column
+
+
+def _canonical(group: Any, name: str, layout: dict[str, tuple[Any, int]]) -> None:
+    for field_name, (dtype, ndim) in layout.items():
+        value = as_column(getattr(group, field_name), dtype, ndim, f"/{name}/{field_name}")
+        setattr(group, field_name, value)
 
 
 @dataclass
@@ -37,8 +87,9 @@ class Detector:
     def __post_init__(self) -> None:
         if self.read_noise is None:
             self.read_noise = np.zeros(len(np.atleast_1d(self.pixel_size)))
-        _canonical(self, {"origin": np.float64, "fast_axis": np.float64, "slow_axis": np.float64,
-                          "pixel_size": np.float64, "size": np.int32, "read_noise": np.float64})
+        _canonical(self, "detector", {"origin": (np.float64, 2), "fast_axis": (np.float64, 2),
+                                      "slow_axis": (np.float64, 2), "pixel_size": (np.float64, 1),
+                                      "size": (np.int32, 2), "read_noise": (np.float64, 1)})
 
     @classmethod
     def single_panel(cls, distance: float, beam_centre: tuple[float, float], pixel_size: float,
@@ -63,9 +114,10 @@ class Images:
     def __post_init__(self) -> None:
         if self.crystal_id is None:
             self.crystal_id = np.zeros(len(np.atleast_1d(self.wavelength)), dtype=np.int32)
-        _canonical(self, {"wavelength": np.float64, "bandwidth": np.float64,
-                          "A_matrix": np.float64, "polarization_fraction": np.float64,
-                          "crystal_id": np.int32})
+        _canonical(self, "images", {"wavelength": (np.float64, 1), "bandwidth": (np.float64, 1),
+                                    "A_matrix": (np.float64, 3),
+                                    "polarization_fraction": (np.float64, 1),
+                                    "crystal_id": (np.int32, 1)})
 
     def __len__(self) -> int:
         return len(self.wavelength)
@@ -89,10 +141,10 @@ class Reflections:
             self.panel = np.zeros(n, dtype=np.int16)
         if self.background is None:
             self.background = np.full(n, np.nan, dtype=np.float32)
-        _canonical(self, {"image_id": np.int32, "miller_index": np.int32,
-                          "intensity_ref": np.float64, "bbox": np.int32,
-                          "pixel_offset": np.int64, "panel": np.int16,
-                          "background": np.float32})
+        _canonical(self, "reflections", {"image_id": (np.int32, 1), "miller_index": (np.int32, 2),
+                                         "intensity_ref": (np.float64, 1), "bbox": (np.int32, 2),
+                                         "pixel_offset": (np.int64, 1), "panel": (np.int16, 1),
+                                         "background": (np.float32, 1)})
         if self.miller_index.size == 0:
             self.miller_index = self.miller_index.reshape(0, 3)
         if self.bbox.size == 0:
@@ -115,7 +167,7 @@ class Pixels:
     mask: np.ndarray
 
     def __post_init__(self) -> None:
-        _canonical(self, {"counts": np.float32, "mask": np.uint8})
+        _canonical(self, "pixels", {"counts": (np.float32, 1), "mask": (np.uint8, 1)})
 
 
 @dataclass
@@ -145,6 +197,14 @@ class ShoeboxSet:
     space_group: str | None = None
     unit_cell: np.ndarray | None = None
     _core_set: Any = field(default=None, repr=False, compare=False)
+    _core_arrays: tuple = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name, kind in (("detector", Detector), ("images", Images),
+                           ("reflections", Reflections), ("pixels", Pixels)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"ShoeboxSet.{name} must be a {kind.__name__}, "
+                                f"not {type(getattr(self, name)).__name__}")
 
     @property
     def n_images(self) -> int:
@@ -161,24 +221,43 @@ class ShoeboxSet:
         return ids.astype(np.int32), index.astype(np.int32).reshape(-1)
 
     def core(self) -> "_core.CoreShoeboxSet":
-        """The validated zero-copy view the C++ core works on (built once, then cached).
+        """The validated zero-copy view the C++ core works on (built once, then cached; built
+        again when an array of the set was replaced).
+
+        The set's arrays are read-only views, so that nothing changes what was validated;
+        assign new arrays (or build a new set) to change a set.
 
         Raises
         ------
         ValueError
             Naming the source, the dataset and the first bad row.
         """
-        if self._core_set is None:
-            d, im, r, p = self.detector, self.images, self.reflections, self.pixels
-            try:
-                self._core_set = _core.CoreShoeboxSet(
-                    d.origin, d.fast_axis, d.slow_axis, d.pixel_size, d.size, d.read_noise,
-                    im.wavelength, im.bandwidth, im.A_matrix, im.polarization_fraction,
-                    self.crystal_index[1], r.image_id, r.panel, r.miller_index,
-                    r.intensity_ref, r.bbox, r.pixel_offset, r.background, p.counts, p.mask)
-            except ValueError as error:
-                raise ValueError(f"{self.source or '<in-memory ShoeboxSet>'}: {error}") from None
+        if self._core_set is not None and self._same_arrays():
+            return self._core_set
+        where = self.source or "<in-memory ShoeboxSet>"
+        d, im, r, p = self.detector, self.images, self.reflections, self.pixels
+        try:
+            for group in (d, im, r, p):  # an array assigned since is made canonical (or refused)
+                group.__post_init__()
+            core_set = _core.CoreShoeboxSet(
+                d.origin, d.fast_axis, d.slow_axis, d.pixel_size, d.size, d.read_noise,
+                im.wavelength, im.bandwidth, im.A_matrix, im.polarization_fraction,
+                self.crystal_index[1], r.image_id, r.panel, r.miller_index,
+                r.intensity_ref, r.bbox, r.pixel_offset, r.background, p.counts, p.mask)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{where}: {error}") from None
+        self._core_set = core_set
+        self._core_arrays = self._arrays()
         return self._core_set
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        return tuple(value for group in (self.detector, self.images, self.reflections, self.pixels)
+                     for value in group_fields(group).values())
+
+    def _same_arrays(self) -> bool:
+        arrays = self._arrays()
+        return len(arrays) == len(self._core_arrays) and all(
+            a is b for a, b in zip(arrays, self._core_arrays))
 
     def image_start(self) -> np.ndarray:
         """First reflection row of every image, and the end, [N + 1]."""

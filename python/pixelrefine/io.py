@@ -347,6 +347,29 @@ def _open(path: str, expected_format: str) -> tuple[h5py.File, _FileReader]:
     return f, reader
 
 
+def _read_groups(reader: _FileReader, groups: tuple[str, ...]
+                 ) -> tuple[dict[str, dict[str, np.ndarray | None]], int]:
+    """The datasets of ``INPUT_LAYOUT``'s ``groups`` (None where an optional one is absent),
+    every dtype kind and shape checked before anything is read and the whole refused when it
+    would not fit in memory; and the bytes they take."""
+    sizes: dict[str, int] = {}
+    nodes: dict[str, dict[str, h5py.Dataset | None]] = {}
+    for group in groups:
+        reader.group(f"/{group}")
+        nodes[group] = {name: reader.check_dataset(f"/{group}/{name}", kind, shape, sizes,
+                                                   required=required)
+                        for name, kind, shape, required in INPUT_LAYOUT[group]}
+    needed = sum(_nbytes(node, name) for group in nodes.values()
+                 for name, node in group.items() if node is not None)
+    if needed > memory_limit():
+        raise ShoeboxFileError(f"{reader.path}: its datasets need {needed / 1e9:.3g} GB of memory, "
+                               f"more than this machine has ({memory_limit() / 1e9:.3g} GB)")
+    data = {group: {name: None if node is None else reader.read(f"/{group}/{name}", node)
+                    for name, node in layout.items()}
+            for group, layout in nodes.items()}
+    return data, needed
+
+
 def read_shoeboxes(path: str | os.PathLike) -> ShoeboxSet:
     """Read and validate a shoebox file.
 
@@ -374,21 +397,7 @@ def read_shoeboxes(path: str | os.PathLike) -> ShoeboxSet:
     path = os.fspath(path)
     f, reader = _open(path, SHOEBOX_FORMAT)
     with f:
-        sizes: dict[str, int] = {}
-        nodes: dict[str, dict[str, h5py.Dataset | None]] = {}
-        for group, layout in INPUT_LAYOUT.items():
-            reader.group(f"/{group}")
-            nodes[group] = {name: reader.check_dataset(f"/{group}/{name}", kind, shape, sizes,
-                                                       required=required)
-                            for name, kind, shape, required in layout}
-        needed = sum(_nbytes(node, name) for group in nodes.values()
-                     for name, node in group.items() if node is not None)
-        if needed > memory_limit():
-            raise ShoeboxFileError(f"{path}: its datasets need {needed / 1e9:.3g} GB of memory, "
-                                   f"more than this machine has ({memory_limit() / 1e9:.3g} GB)")
-        data = {group: {name: None if node is None else reader.read(f"/{group}/{name}", node)
-                        for name, node in layout.items()}
-                for group, layout in nodes.items()}
+        data, needed = _read_groups(reader, tuple(INPUT_LAYOUT))
         truth = _read_truth(reader, memory_limit() - needed)
         space_group, unit_cell = _read_symmetry(reader)
     try:
@@ -457,26 +466,24 @@ def read_tables(path: str | os.PathLike, *, truth: bool = True) -> ShoeboxTables
     path = os.fspath(path)
     f, reader = _open(path, SHOEBOX_FORMAT)
     with f:
-        sizes: dict[str, int] = {}
-        groups: dict[str, dict[str, np.ndarray]] = {}
-        for group in ("detector", "images", "reflections"):
-            reader.group(f"/{group}")
-            groups[group] = {}
-            for name, kind, shape, required in INPUT_LAYOUT[group]:
-                where = f"/{group}/{name}"
-                node = reader.check_dataset(where, kind, shape, sizes, required=required)
-                if node is None:
-                    continue
-                value = reader.read(where, node)
-                if kind == "i" and value.size:
-                    info = np.iinfo(WRITE_DTYPES[name])
-                    bad = np.flatnonzero(((value < info.min) | (value > info.max))
-                                         .reshape(len(value), -1).any(1))
-                    if bad.size:
-                        raise reader.error(where, f"value out of range for {info.dtype}", int(bad[0]))
-                groups[group][name] = np.ascontiguousarray(value, dtype=WRITE_DTYPES[name])
+        data, needed = _read_groups(reader, ("detector", "images", "reflections"))
         space_group, unit_cell = _read_symmetry(reader)
-        truth_data = _read_truth(reader, memory_limit()) if truth else None
+        truth_data = _read_truth(reader, memory_limit() - needed) if truth else None
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for group, values in data.items():
+        groups[group] = {}
+        for name, kind, _, _ in INPUT_LAYOUT[group]:
+            value = values[name]
+            if value is None:
+                continue
+            if kind == "i" and value.size:  # the core, which checks the rest, does not see these
+                info = np.iinfo(WRITE_DTYPES[name])
+                bad = np.flatnonzero(((value < info.min) | (value > info.max))
+                                     .reshape(len(value), -1).any(1))
+                if bad.size:
+                    raise reader.error(f"/{group}/{name}", f"value out of range for {info.dtype}",
+                                       int(bad[0]))
+            groups[group][name] = np.ascontiguousarray(value, dtype=WRITE_DTYPES[name])
     n_images, n_refl = len(groups["images"]["wavelength"]), len(groups["reflections"]["image_id"])
     groups["images"].setdefault("crystal_id", np.zeros(n_images, np.int32))
     groups["reflections"].setdefault("panel", np.zeros(n_refl, np.int16))

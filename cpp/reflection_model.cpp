@@ -446,27 +446,6 @@ bool mark_outlier_pixels(ImageWork& w, const ReflectionFit& rf, const std::vecto
   return any;
 }
 
-// d var J / d J_m. With J held at J_m the background is beta~ = beta^ + c (J_m - J^),
-// c = (N^-1)_{beta,J} / (N^-1)_{JJ}, uncorrelated with J^; the weights w_p = 1/v_p at beta~ give
-// var J = e0' N^-1 e0 + sum_p w_p^2 dbg_p (x_p' u)^2 to first order (u = N^-1 e0,
-// dbg_p = (J_m - J^) c' x_p,beta), so the slope is sum_p w_p^2 (c' x_p,beta) (x_p' u)^2 over the
-// pixels whose variance follows the background (bg > 0).
-double J_variance_slope(const PixelRows& rows, const GramLayout& L, const Matrix& N_inverse) {
-  const int nx = L.n_x;
-  if (nx < 2 || !(N_inverse(0, 0) > 0.0)) return 0.0;
-  const Vector u = N_inverse.col(0);
-  const Vector c = N_inverse.col(0).tail(nx - 1) / N_inverse(0, 0);
-  double slope = 0.0;
-  for (size_t j = 0; j < rows.weight.size(); ++j) {
-    const double weight = rows.weight[j];
-    if (!(weight > 0.0) || !(rows.background[j] > 0.0)) continue;
-    const Eigen::Map<const Vector> x(&rows.z[j * L.size], nx);
-    const double xu = x.dot(u);
-    slope += weight * weight * c.dot(x.tail(nx - 1)) * xu * xu;
-  }
-  return std::isfinite(slope) ? slope : 0.0;
-}
-
 void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const PixelRows& rows,
                   const RefineOptions& options, double error_scale, const SpotRegion& region,
                   const Matrix& N_inverse) {
@@ -476,6 +455,16 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
   st.chi2_background = 0.0;
   st.dof_background = 0.0;
   double m2_num = 0.0, m2_den = 0.0;
+  // d var J / d J_m (st.J_variance_slope). With J held at J_m the background is
+  // beta~ = beta^ + c (J_m - J^), c = (N^-1)_{beta,J} / (N^-1)_{JJ}, uncorrelated with J^; the
+  // weights w_p = 1/v_p at beta~ give var J = e0' N^-1 e0 + sum_p w_p^2 dbg_p (x_p' u)^2 to first
+  // order (u = N^-1 e0, dbg_p = (J_m - J^) c' x_p,beta), so the slope is
+  // sum_p w_p^2 (c' x_p,beta) (x_p' u)^2 over the pixels whose variance follows the background.
+  const int nx = L.n_x;
+  const bool slope_defined = nx >= 2 && N_inverse(0, 0) > 0.0;
+  const Vector u = N_inverse.col(0);
+  const Vector c = slope_defined ? Vector(u.tail(nx - 1) / u(0)) : Vector::Zero(nx - 1);
+  double slope = 0.0;
   thread_local std::vector<double> z;
   z.assign(n, 0.0);
   for (int64_t j = 0; j < n; ++j) {
@@ -488,6 +477,11 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
       const double u1 = w.eps1[i] - rf.delta[0], u2 = w.eps2[i] - rf.delta[1];
       m2_num += (w.counts[i] - bg) * 0.5 * (u1 * u1 + u2 * u2);
       m2_den += w.counts[i] - bg;
+    }
+    if (slope_defined && rows.weight[j] > 0.0 && rows.background[j] > 0.0) {
+      const Eigen::Map<const Vector> x(&rows.z[size_t(j) * L.size], nx);
+      const double xu = x.dot(u);
+      slope += rows.weight[j] * rows.weight[j] * c.dot(x.tail(nx - 1)) * xu * xu;
     }
     const double v = std::max(std::max(bg, 0.0) + std::max(st.J, 0.0) * P + w.read_noise_sq[i],
                               options.variance_floor);
@@ -502,7 +496,7 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
       st.dof_background += std::max(1.0 - leverage, 0.0);
     }
   }
-  st.J_variance_slope = J_variance_slope(rows, L, N_inverse);
+  st.J_variance_slope = std::isfinite(slope) ? slope : 0.0;
   const bool any = options.pixel_outlier_sigma > 0.0 &&
                    mark_outlier_pixels(w, rf, z, region, options.pixel_outlier_sigma);
   if (any) rf.flags |= kPixelOutliers; else rf.flags &= ~kPixelOutliers;

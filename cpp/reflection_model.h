@@ -178,7 +178,7 @@ struct ReflectionFit {
   double centre_sd_px = kInf;  // sd of the held centre (largest axis of S, pixels)
   bool relocated = false;      // the centre was started again from the counts once
   // Term 1, held within a solve.
-  double sigma_intensity = kNaN;  // sqrt(k^2 var J + (f J_model)^2)
+  double sigma_intensity = kNaN;  // sqrt(k^2 var_m J + (f J_model)^2), model_J_variance
   double intensity_residual = 0.0;
   int outlier_switches = 0;       // times Term 1's outlier decision changed (out for good at 3)
   bool use_intensity = false;     // Term 1 active

@@ -368,17 +368,38 @@ def reference_error_gaussian(squared_residual: np.ndarray, counting_variance: np
         for _ in range(100):
             s2 = v0 + f2 * m2
             keep = e2 < trim * trim * s2
-            ratio = m2[keep] / s2[keep]
-            grad = 0.5 * np.sum(ratio * (e2[keep] / s2[keep] - 1.0))
-            fisher = 0.5 * np.sum(ratio * ratio)
-            if not (np.isfinite(grad) and np.isfinite(fisher) and fisher > 0):
+            step = _f2_newton_step(e2, s2, m2, f2, keep.astype(float), keep, max_f)
+            if step is None:
                 return max(start, 0.0), np.nan  # no residual left inside the trim: f held
-            new = min(max(f2 + grad / fisher, 0.0), max_f * max_f)
+            new, fisher = step
             settled = abs(new - f2) <= 1e-10 + 1e-7 * f2
             f2 = new
             if settled:
                 break
     return min(math.sqrt(f2), max_f), float(fisher)
+
+
+def _f2_newton_step(e2: np.ndarray, s2: np.ndarray, m2: np.ndarray, f2: float,
+                    weight: np.ndarray, keep: np.ndarray, max_f: float) -> tuple[float, float] | None:
+    """One Newton step in f² on Σ_kept weight·[−½ log s² − ½ e²/s²] (s² = k²σ_J² + f²J²):
+    the new f² (within [0, max_f²]) and the Fisher information; None where it is not
+    informative."""
+    ratio = m2[keep] / s2[keep]
+    grad = 0.5 * np.sum(weight[keep] * ratio * (e2[keep] / s2[keep] - 1.0))
+    fisher = 0.5 * np.sum(weight[keep] * ratio * ratio)
+    if not (np.isfinite(grad) and np.isfinite(fisher) and fisher > 0):
+        return None
+    return min(max(f2 + grad / fisher, 0.0), max_f * max_f), float(fisher)
+
+
+def _mixture_log_terms(e2: np.ndarray, v0: np.ndarray, m2: np.ndarray, f2: float,
+                       wrong: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """log[(1 − π) N(e; s²)] and log[π N(e; b²)] per reflection (up to −½ log 2π), and s²."""
+    s2 = v0 + f2 * m2
+    b2 = v0 + max(4.0, 25.0 * f2) * m2
+    log_right = np.log1p(-wrong) - 0.5 * (np.log(s2) + e2 / s2)
+    log_wrong = math.log(wrong) - 0.5 * (np.log(b2) + e2 / b2)
+    return log_right, log_wrong, s2
 
 
 #: 2Δlog L per reflection above which the mixture replaces the single Gaussian.
@@ -404,10 +425,8 @@ def reference_error_fit(squared_residual: np.ndarray, counting_variance: np.ndar
         s2 = v0 + f_single**2 * m2
         keep = e2 < trim * trim * s2
         single = np.sum(-0.5 * (np.log(s2) + e2 / s2)[keep])
-        s2m = v0 + f_mix**2 * m2
-        b2 = v0 + max(4.0, 25.0 * f_mix**2) * m2
-        mixture = np.sum(np.logaddexp(np.log1p(-wrong) - 0.5 * (np.log(s2m) + e2 / s2m),
-                                      math.log(wrong) - 0.5 * (np.log(b2) + e2 / b2))[keep])
+        log_right, log_wrong, _ = _mixture_log_terms(e2, v0, m2, f_mix**2, wrong)
+        mixture = np.sum(np.logaddexp(log_right, log_wrong)[keep])
     if np.isfinite(mixture) and 2.0 * (mixture - single) > MIXTURE_GAIN_PER_REFLECTION * keep.sum():
         return f_mix, fisher_mix, wrong
     return f_single, fisher_single, 0.0
@@ -446,18 +465,13 @@ def reference_error_mixture(squared_residual: np.ndarray, counting_variance: np.
     f2, wrong, fisher = max(start, 1e-3) ** 2, 0.05, np.nan
     with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
         for _ in range(200):
-            s2 = v0 + f2 * m2
-            b2 = v0 + max(4.0, 25.0 * f2) * m2
+            log_right, log_wrong, s2 = _mixture_log_terms(e2, v0, m2, f2, wrong)
             keep = e2 < trim * trim * s2
-            log_right = np.log1p(-wrong) - 0.5 * (np.log(s2) + e2 / s2)
-            log_wrong = math.log(wrong) - 0.5 * (np.log(b2) + e2 / b2)
             r = np.where(keep, 1.0 / (1.0 + np.exp(np.clip(log_wrong - log_right, -700, 700))), 0.0)
-            ratio = m2 / s2
-            grad = 0.5 * np.sum((r * ratio * (e2 / s2 - 1.0))[keep])
-            fisher = 0.5 * np.sum((r * ratio * ratio)[keep])
-            if not (np.isfinite(grad) and np.isfinite(fisher) and fisher > 0):
+            step = _f2_newton_step(e2, s2, m2, f2, r, keep, max_f)
+            if step is None:
                 return max(start, 0.0), np.nan, np.nan  # nothing informative: f held
-            new = min(max(f2 + grad / fisher, 0.0), max_f * max_f)
+            new, fisher = step
             new_wrong = float(np.clip(1.0 - np.sum(r[keep]) / max(keep.sum(), 1), 1e-4, 0.5))
             settled = abs(new - f2) <= 1e-10 + 1e-7 * f2 and abs(new_wrong - wrong) <= 1e-6
             f2, wrong = new, new_wrong
@@ -483,7 +497,6 @@ class _GlobalLoop:
         self.refine_tail = refine_tail
         self.R0_prior = R0_prior
         self.G_prior = None
-        self.reference_wrong_fraction = np.full(len(self.crystals.R0), np.nan)
         _, self.image_crystal = shoeboxes.crystal_index
         self.reflection_crystal = self.image_crystal[shoeboxes.reflections.image_id]
         self.history: list[dict[str, Any]] = []
@@ -620,9 +633,8 @@ class _GlobalLoop:
             e2 = ((J[ok] - Jm[ok]) / unit) ** 2
             v0 = (k_sc / unit) ** 2
             m2 = np.maximum((J[ok] / unit) ** 2 - v0, 0.0)
-            f, fisher, wrong = reference_error_fit(e2, v0, m2, start=f_out[c], trim=trim)
+            f, fisher, _ = reference_error_fit(e2, v0, m2, start=f_out[c], trim=trim)
             f_out[c] = f
-            self.reference_wrong_fraction[c] = wrong
             f_sigma[c] = (1.0 / math.sqrt(fisher) / (2 * max(f, 1e-6))
                           if np.isfinite(fisher) and fisher > 0 else np.nan)
         return f_out, f_sigma
@@ -731,6 +743,8 @@ class _GlobalLoop:
         clearly measured reflections (J > 3 σ, I_ref > 0; NaN with fewer than 20): what the
         reference says about these intensities beyond the partiality, polarisation and B
         factor every model shares (a permuted reference: ≈ 0)."""
+        from scipy.stats import spearmanr
+
         refl = results.reflections
         reference = self.shoeboxes.reflections.intensity_ref
         scaled = refl["intensity_scaled"]
@@ -740,8 +754,7 @@ class _GlobalLoop:
         for c in range(len(agreement)):
             rows = clear & (self.reflection_crystal == c)
             if rows.sum() >= 20:
-                ranks = [np.argsort(np.argsort(v[rows])) for v in (scaled, reference)]
-                agreement[c] = float(np.corrcoef(*ranks)[0, 1])
+                agreement[c] = float(spearmanr(scaled[rows], reference[rows]).statistic)
         return agreement
 
     def flag_uninformative_reference(self, results: Results) -> None:

@@ -464,16 +464,18 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "check_profile",
       [](double eps1, double eps2, std::vector<double> phi, std::vector<double> S,
-         std::vector<double> pixel, std::vector<double> delta, bool tail) {
-        if (phi.size() != kMaxShape || S.size() != 3 || pixel.size() != 3 || delta.size() != 2)
-          throw std::invalid_argument("phi needs 5 values, S and pixel 3, delta 2");
+         std::vector<double> pixel, std::vector<double> delta, std::vector<double> cell,
+         bool tail) {
+        if (phi.size() != kMaxShape || S.size() != 3 || pixel.size() != 3 || delta.size() != 2 ||
+            cell.size() != 4)
+          throw std::invalid_argument("phi needs 5 values, S and pixel 3, delta 2, cell 4");
         const ProfileCheck c = check_profile(eps1, eps2, phi.data(), S.data(), pixel.data(),
-                                             delta.data(), tail);
+                                             delta.data(), cell.data(), tail);
         return py::make_tuple(c.value, std::vector<double>(c.by_hand, c.by_hand + 7),
                               std::vector<double>(c.autodiff, c.autodiff + 7));
       },
       py::arg("eps1"), py::arg("eps2"), py::arg("phi"), py::arg("S"), py::arg("pixel"),
-      py::arg("delta"), py::arg("tail"),
-      "The profile at one offset and its derivatives in (R1, a, c, t, s, delta1, delta2): "
+      py::arg("delta"), py::arg("cell"), py::arg("tail"),
+      "The profile averaged over one cell (edges in eps, D's layout) and its derivatives in (R1, a, c, t, s, delta1, delta2): "
       "(value, by hand, by autodiff).");
 }

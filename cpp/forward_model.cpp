@@ -37,7 +37,7 @@ void predict_reflections(const ShoeboxSetView& set, const ImageModel& model,
 
 ProfileCheck check_profile(double eps1, double eps2, const double phi[kMaxShape],
                            const double S[3], const double pixel[3], const double delta[2],
-                           bool tail) {
+                           const double cell[4], bool tail) {
   ProfileCheck out;
   // By hand: d f / d M chained with d M / d (R1, a, c) (a 3-Jet), as the pass does.
   using Jet3 = ceres::Jet<double, 3>;
@@ -49,7 +49,8 @@ ProfileCheck check_profile(double eps1, double eps2, const double phi[kMaxShape]
   const double det = M.det();
   const double t = tail ? phi[kShapeTail] : 0.0;
   const ProfileDerivatives f = profile_with_derivatives(eps1 - delta[0], eps2 - delta[1], M, det,
-                                                        std::sqrt(det), t, phi[kShapeTailScale], tail);
+                                                        std::sqrt(det), t, phi[kShapeTailScale], tail,
+                                                        cell);
   out.value = f.value;
   for (int k = 0; k < 3; ++k)
     out.by_hand[k] = f.d_m[0] * M3.m11.v[k] + f.d_m[1] * M3.m12.v[k] + f.d_m[2] * M3.m22.v[k];
@@ -64,7 +65,7 @@ ProfileCheck check_profile(double eps1, double eps2, const double phi[kMaxShape]
   const Jet7 d1(delta[0], 5), d2(delta[1], 6);
   const Sym2<Jet7> M7 = profile_precision(p7, S, pixel);
   const Jet7 value = profile_density(Jet7(eps1) - d1, Jet7(eps2) - d2, M7,
-                                     tail ? p7[kShapeTail] : Jet7(0.0), p7[kShapeTailScale]);
+                                     tail ? p7[kShapeTail] : Jet7(0.0), p7[kShapeTailScale], cell);
   for (int k = 0; k < 7; ++k) out.autodiff[k] = value.v[k];
   return out;
 }

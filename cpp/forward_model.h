@@ -35,7 +35,8 @@ struct ImageModel {
 void predict_reflections(const ShoeboxSetView& set, const ImageModel& model,
                          const PredictionArrays& arrays);
 
-// The profile f(eps - delta) of profile.h at one offset, with its derivatives in
+// The profile f(eps - delta) of profile.h averaged over one cell of edges `cell` (the layout of
+// D), with its derivatives in
 // (R1, a, c, t, s, delta1, delta2): by hand (profile_with_derivatives chained through dM/dphi,
 // as the refinement computes them) and by Jet autodiff of profile_density.
 struct ProfileCheck {
@@ -45,6 +46,6 @@ struct ProfileCheck {
 };
 ProfileCheck check_profile(double eps1, double eps2, const double phi[kMaxShape],
                            const double S[3], const double pixel[3], const double delta[2],
-                           bool tail);
+                           const double cell[4], bool tail);
 
 }  // namespace pixelrefine

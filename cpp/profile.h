@@ -79,47 +79,83 @@ Sym2<T> profile_precision(const T* phi, const double S[3], const double pixel[3]
   return sigma.inverse();
 }
 
-// f(u) for one offset u = eps - delta (per A^-2), templated for autodiff.
+// The uniform cell's fourth-order correction to the Gaussian smoothing (METHODS.md §I.4). A
+// density averaged over a cell spanned by d1, d2 (eps per cell edge) is prod_k sinh(z_k)/z_k
+// applied to it, z_k = (d_k . grad)/2; the Gaussian of the cell's covariance is prod_k
+// exp(z_k^2/6); their ratio is prod_k (1 - z_k^4/180 + O(z^6)). On the Gaussian core
+// exp(-u'Mu), (d . grad)^4 gives (alpha^4 + 6 alpha^2 gamma + 3 gamma^2) exp(-u'Mu) with
+// alpha = -2 d'Mu, gamma = -2 d'Md, so the cell's core is exp(-u'Mu) exp(K),
+//
+//   K = -(1/2880) sum_k (alpha_k^4 + 6 alpha_k^2 gamma_k + 3 gamma_k^2),
+//
+// exp(K) rather than 1 + K: the same to this order, and positive where the series fails (far
+// out in the core's tail, where the core is < 1e-6 of its peak). cell = (d1x, d2x, d1y, d2y),
+// the layout of D, divided by the sub-pixel count.
 template <typename T, typename U>
-T profile_density(const U& u1, const U& u2, const Sym2<T>& M, const T& tail, const T& tail_scale) {
+T cell_correction(const U& u1, const U& u2, const Sym2<T>& M, const double cell[4]) {
+  T sum(0.0);
+  for (int k = 0; k < 2; ++k) {
+    const double d1 = cell[k], d2 = cell[2 + k];
+    const T alpha = -2.0 * (d1 * (M.m11 * u1 + M.m12 * u2) + d2 * (M.m12 * u1 + M.m22 * u2));
+    const T gamma = -2.0 * (M.m11 * (d1 * d1) + M.m12 * (2.0 * d1 * d2) + M.m22 * (d2 * d2));
+    const T alpha_sq = alpha * alpha;
+    sum += alpha_sq * alpha_sq + 6.0 * alpha_sq * gamma + 3.0 * gamma * gamma;
+  }
+  return sum * (-1.0 / 2880.0);
+}
+
+// f averaged over one cell (edges `cell`) at offset u = eps - delta of the cell's centre (per
+// A^-2): the core with its cell correction, the tail without (its width s >= 1.5 times the
+// core's makes its correction s^4 times smaller). Templated for autodiff.
+template <typename T, typename U>
+T profile_density(const U& u1, const U& u2, const Sym2<T>& M, const T& tail, const T& tail_scale,
+                  const double cell[4]) {
   using std::exp;
   using std::sqrt;
   const T q = M.m11 * u1 * u1 + 2.0 * M.m12 * u1 * u2 + M.m22 * u2 * u2;
   const T root_det = sqrt(M.det());
-  const T core = root_det * (1.0 / kPi) * exp(-q);
+  const T core = root_det * (1.0 / kPi) * exp(cell_correction(u1, u2, M, cell) - q);
   const T s_sq = tail_scale * tail_scale;
   const T base = T(1.0) + q / s_sq;
   const T tail_density = root_det * ((kTailBeta - 1.0) / kPi) / (s_sq * base * base);
   return (T(1.0) - tail) * core + tail * tail_density;
 }
 
-// The profile averaged over one pixel: the mean of f over n x n sub-pixel points at offsets
-// o = ((i + 1/2)/n - 1/2) pixels, u + D o (D = d eps / d (x, y), eps linear within a pixel);
-// each sub-cell's own width D D'/(6 n^2) is in M (profile_precision's `pixel`). Templated for
-// autodiff (the per-pixel objective); the pass uses the hand-written derivatives below.
+// The profile averaged over one pixel: the mean of the cell densities of n x n sub-pixel cells
+// centred at o = ((i + 1/2)/n - 1/2) pixels, u + D o (D = d eps / d (x, y), eps linear within a
+// pixel); each cell's own width D D'/(6 n^2) is in M (profile_precision's `pixel`), its
+// fourth-order correction in profile_density. Templated for autodiff (the per-pixel
+// objective); the pass uses the hand-written derivatives below.
 inline double subpixel_offset(int i, int n) { return (i + 0.5) / n - 0.5; }
+
+// The sub-pixel cell's edges D / n.
+inline void subpixel_cell(const double D[4], int n, double cell[4]) {
+  for (int k = 0; k < 4; ++k) cell[k] = D[k] / n;
+}
 
 template <typename T, typename U>
 T pixel_density(const U& u1, const U& u2, const double D[4], int n, const Sym2<T>& M,
                 const T& tail, const T& tail_scale) {
+  double cell[4];
+  subpixel_cell(D, n, cell);
   T sum(0.0);
   for (int j = 0; j < n; ++j) {
     for (int i = 0; i < n; ++i) {
       const double ox = subpixel_offset(i, n), oy = subpixel_offset(j, n);
       sum += profile_density(u1 + (D[0] * ox + D[1] * oy), u2 + (D[2] * ox + D[3] * oy), M, tail,
-                             tail_scale);
+                             tail_scale, cell);
     }
   }
   return sum * (1.0 / (n * n));
 }
 
-// Sub-pixel points per axis for a spot of per-axis sd `sd_px` pixels: the Gaussian smoothing of
-// each sub-cell (matched second moment) leaves an error in the spot's second moment below
-// 2e-4, so in R1 below 1e-4 (one pixel down to 0.7 px, four points down to 0.45 px, nine
-// down to 0.3 px; METHODS.md §I.4).
+// Sub-pixel points per axis for a spot of per-axis sd `sd_px` pixels. With the cell
+// correction the largest error of a pixel's profile, relative to the spot's peak, is below 7e-4
+// (one point down to 0.65 px; four down to 0.35 px, 2e-4; nine down to 0.25 px), against 3.7e-3
+// for one point at 0.7 px without it, which biased R1 by +0.1 % (METHODS.md §I.4).
 inline int subpixels_for(double sd_px) {
   if (!(sd_px > 0.0)) return 2;
-  return sd_px >= 0.7 ? 1 : sd_px >= 0.45 ? 2 : sd_px >= 0.3 ? 3 : 4;
+  return sd_px >= 0.65 ? 1 : sd_px >= 0.35 ? 2 : sd_px >= 0.25 ? 3 : 4;
 }
 
 // f and its partial derivatives in (m11, m12, m22), t, s and the centre (delta1, delta2), by hand
@@ -133,14 +169,34 @@ struct ProfileDerivatives {
 
 inline ProfileDerivatives profile_with_derivatives(double u1, double u2, const Sym2<double>& M,
                                                    double det, double root_det, double tail,
-                                                   double tail_scale, bool with_tail) {
+                                                   double tail_scale, bool with_tail,
+                                                   const double cell[4]) {
   ProfileDerivatives out;
   const double Mu1 = M.m11 * u1 + M.m12 * u2, Mu2 = M.m12 * u1 + M.m22 * u2;
   const double q = u1 * Mu1 + u2 * Mu2;
   // d log sqrt(det M) / d (m11, m12, m22) and d q / d (m11, m12, m22).
   const double dlogdet[3] = {0.5 * M.m22 / det, -M.m12 / det, 0.5 * M.m11 / det};
   const double dq[3] = {u1 * u1, 2.0 * u1 * u2, u2 * u2};
-  const double core = root_det * (1.0 / kPi) * std::exp(-q);
+  // The cell correction K (cell_correction) and its derivatives in M and delta.
+  double K = 0.0, dK_m[3] = {0.0, 0.0, 0.0}, dK_delta[2] = {0.0, 0.0};
+  for (int k = 0; k < 2; ++k) {
+    const double d1 = cell[k], d2 = cell[2 + k];
+    const double alpha = -2.0 * (d1 * Mu1 + d2 * Mu2);
+    const double gamma = -2.0 * (M.m11 * d1 * d1 + 2.0 * M.m12 * d1 * d2 + M.m22 * d2 * d2);
+    const double alpha_sq = alpha * alpha;
+    K += alpha_sq * alpha_sq + 6.0 * alpha_sq * gamma + 3.0 * gamma * gamma;
+    const double d_alpha = 4.0 * alpha_sq * alpha + 12.0 * alpha * gamma;
+    const double d_gamma = 6.0 * alpha_sq + 6.0 * gamma;
+    // d alpha / d (m11, m12, m22) and d gamma / d (...); d alpha / d delta = 2 M d.
+    const double da[3] = {-2.0 * d1 * u1, -2.0 * (d1 * u2 + d2 * u1), -2.0 * d2 * u2};
+    const double dg[3] = {-2.0 * d1 * d1, -4.0 * d1 * d2, -2.0 * d2 * d2};
+    for (int i = 0; i < 3; ++i) dK_m[i] += d_alpha * da[i] + d_gamma * dg[i];
+    dK_delta[0] += d_alpha * 2.0 * (M.m11 * d1 + M.m12 * d2);
+    dK_delta[1] += d_alpha * 2.0 * (M.m12 * d1 + M.m22 * d2);
+  }
+  constexpr double kCell = -1.0 / 2880.0;
+  K *= kCell;
+  const double core = root_det * (1.0 / kPi) * std::exp(K - q);
   const double w_core = (1.0 - tail) * core;
   double w_tail = 0.0, tail_factor = 0.0, tail_density = 0.0;
   if (with_tail) {
@@ -156,11 +212,12 @@ inline ProfileDerivatives profile_with_derivatives(double u1, double u2, const S
   out.value = w_core + w_tail;
   out.d_tail = tail_density - core;
   for (int i = 0; i < 3; ++i)
-    out.d_m[i] = out.value * dlogdet[i] - (w_core + w_tail * tail_factor) * dq[i];
+    out.d_m[i] = out.value * dlogdet[i] - (w_core + w_tail * tail_factor) * dq[i] +
+                 w_core * kCell * dK_m[i];
   // d q / d delta = -2 M u.
   const double dq_scale = 2.0 * (w_core + w_tail * tail_factor);
-  out.d_delta[0] = dq_scale * Mu1;
-  out.d_delta[1] = dq_scale * Mu2;
+  out.d_delta[0] = dq_scale * Mu1 + w_core * kCell * dK_delta[0];
+  out.d_delta[1] = dq_scale * Mu2 + w_core * kCell * dK_delta[1];
   return out;
 }
 

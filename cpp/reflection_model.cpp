@@ -83,14 +83,17 @@ PrecisionWithDerivatives precision_derivatives(const double phi[kMaxShape], cons
 ProfileDerivatives pixel_derivatives(double u1, double u2, const double D[4], int n,
                                      const Sym2<double>& M, double det, double root_det,
                                      double tail, double tail_scale, bool with_tail) {
-  if (n == 1) return profile_with_derivatives(u1, u2, M, det, root_det, tail, tail_scale, with_tail);
+  double cell[4];
+  subpixel_cell(D, n, cell);
+  if (n == 1)
+    return profile_with_derivatives(u1, u2, M, det, root_det, tail, tail_scale, with_tail, cell);
   ProfileDerivatives sum{};
   for (int j = 0; j < n; ++j) {
     for (int i = 0; i < n; ++i) {
       const double ox = subpixel_offset(i, n), oy = subpixel_offset(j, n);
       const ProfileDerivatives f =
           profile_with_derivatives(u1 + D[0] * ox + D[1] * oy, u2 + D[2] * ox + D[3] * oy, M, det,
-                                   root_det, tail, tail_scale, with_tail);
+                                   root_det, tail, tail_scale, with_tail, cell);
       sum.value += f.value;
       for (int k = 0; k < 3; ++k) sum.d_m[k] += f.d_m[k];
       sum.d_tail += f.d_tail;

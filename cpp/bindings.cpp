@@ -194,6 +194,7 @@ const ResultField kResultFields[] = {
     D_FIELD(covariance, true, -1), D_FIELD(R0_gradient, true, 0), D_FIELD(R0_curvature, true, 0),
     D_FIELD(tail_gradient, true, 2), D_FIELD(tail_curvature, true, 3),
     D_FIELD(background_chi2, true, 0), D_FIELD(background_dof, true, 0),
+    D_FIELD(background_read, true, 0),
     D_FIELD(intensity_prf, false, 0), D_FIELD(intensity_prf_sigma, false, 0),
     D_FIELD(intensity_scaled, false, 0), D_FIELD(intensity_scaled_sigma, false, 0),
     D_FIELD(intensity_model, false, 0), D_FIELD(intensity_count_sigma, false, 0),
@@ -327,7 +328,7 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<>())
 #define OPTION(name) .def_readwrite(#name, &RefineOptions::name)
       OPTION(objective) OPTION(profile) OPTION(background) OPTION(R0) OPTION(eta)
-      OPTION(error_scale) OPTION(reference_error) OPTION(tail_fraction) OPTION(tail_scale)
+      OPTION(error_scale) OPTION(read_variance_scale) OPTION(reference_error) OPTION(tail_fraction) OPTION(tail_scale)
       OPTION(G_prior) OPTION(R0_sigma) OPTION(sigma_G) OPTION(reference_bias_correction) OPTION(fit_centres) OPTION(refine_geometry) OPTION(sigma_rotation)
       OPTION(sigma_shift) OPTION(max_outer) OPTION(max_iterations) OPTION(outer_tolerance)
       OPTION(B_min) OPTION(B_max) OPTION(min_valid_pixels) OPTION(plane_min_pixels)

@@ -743,15 +743,17 @@ void ImageRefinement::global_contributions(const Matrix& term1_jacobian,
   out_.R0_gradient[i] = out_.R0_curvature[i] = 0.0;
   for (int j = 0; j < 2; ++j) out_.tail_gradient[2 * i + j] = 0.0;
   for (int j = 0; j < 3; ++j) out_.tail_curvature[3 * i + j] = 0.0;
-  double chi2 = 0.0, dof = 0.0;
+  double chi2 = 0.0, dof = 0.0, read = 0.0;
   for (const ReflectionFit& rf : work_.reflections) {
     // The counting scale from clean boxes only (a neighbour's wings are not counting noise).
     if (!rf.integrated() || !std::isfinite(rf.stats.J) || (rf.flags & kPixelOutliers)) continue;
     chi2 += rf.stats.chi2_background;
     dof += rf.stats.dof_background;
+    read += rf.stats.read_background;
   }
   out_.background_chi2[i] = chi2;
   out_.background_dof[i] = dof;
+  out_.background_read[i] = read;
   if (!factored_) return;
   // R0: d r1 / d log R0 = -J_model 2 eps^2 R0^2 / R0_eff^4 / sigma_1 (geometry held).
   if (scale_fit_ && held_.R0 > 0.0 && term1_jacobian.rows() == Eigen::Index(term1_rows_.size())) {
@@ -1161,6 +1163,7 @@ void validate_options(const RefineOptions& options, const ShoeboxSetView& set) {
   per_crystal(options.R0, "R0", false, false);
   per_crystal(options.eta, "eta", true, false);
   per_crystal(options.error_scale, "error_scale", true, true);
+  per_crystal(options.read_variance_scale, "read_variance_scale", true, false);
   per_crystal(options.reference_error, "reference_error", true, false);
   per_crystal(options.tail_fraction, "tail_fraction", true, false);
   per_crystal(options.tail_scale, "tail_scale", true, true);

@@ -457,6 +457,7 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
   double beta[3] = {st.background[0], st.background[1], st.background[2]};
   st.chi2_background = 0.0;
   st.dof_background = 0.0;
+  st.read_background = 0.0;
   double m2_num = 0.0, m2_den = 0.0;
   // d var J / d J_m (st.J_variance_slope). With J held at J_m the background is
   // beta~ = beta^ + c (J_m - J^), c = (N^-1)_{beta,J} / (N^-1)_{JJ}, uncorrelated with J^; the
@@ -497,6 +498,7 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
       const double leverage = rows.weight[j] * x.dot(N_inverse * x);
       st.chi2_background += (w.counts[i] - mu) * (w.counts[i] - mu) / v;
       st.dof_background += std::max(1.0 - leverage, 0.0);
+      st.read_background += std::max(1.0 - leverage, 0.0) * w.read_noise_sq[i] / v;
     }
   }
   st.J_variance_slope = std::isfinite(slope) ? slope : 0.0;
@@ -720,6 +722,9 @@ void setup_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& 
     const int32_t* b = set.bbox + 4 * r;
     capacity += int64_t(b[1] - b[0]) * (b[3] - b[2]);
   }
+  // The gain error model scales the read noise's variance with k^2 (METHODS.md §I.10).
+  const double read_scale = options.read_variance_scale.empty()
+                                ? 1.0 : options.read_variance_scale[set.crystal_index[image]];
   for (std::vector<double>* v : {&work.counts, &work.x, &work.y, &work.read_noise_sq}) {
     v->clear();
     v->reserve(capacity);
@@ -737,7 +742,7 @@ void setup_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& 
     if (x0 == 0 || y0 == 0 || x1 == rf.panel->nx || y1 == rf.panel->ny) rf.flags |= kPanelEdge;
     rf.pixel_begin = int64_t(work.counts.size());
     const int64_t offset = set.pixel_offset[r];
-    const double read_noise_sq = rf.panel->read_noise * rf.panel->read_noise;
+    const double read_noise_sq = rf.panel->read_noise * rf.panel->read_noise * read_scale;
     for (int32_t j = y0; j < y1; ++j) {
       for (int32_t i = x0; i < x1; ++i) {
         const int64_t t = offset + int64_t(j - y0) * (x1 - x0) + (i - x0);

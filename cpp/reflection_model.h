@@ -60,6 +60,7 @@ struct RefineOptions {
   std::vector<double> R0;               // A^-1
   std::vector<double> eta;              // rad (empty = 0)
   std::vector<double> error_scale;      // k: counting sigmas times k (empty = 1)
+  std::vector<double> read_variance_scale;  // the read noise's variance times this (empty = 1)
   std::vector<double> reference_error;  // f: relative error of I_ref (empty = 0)
   std::vector<double> tail_fraction;    // t (profile "tail"; empty = 0)
   std::vector<double> tail_scale;       // s (profile "tail"; empty = 3)
@@ -114,6 +115,7 @@ struct ReflectionStatistics {
   int n_parameters = 0;                // local parameters fitted (J, background, centre)
   double chi2_background = 0.0;        // sum w e^2 over background-dominated pixels
   double dof_background = 0.0;         // their degrees of freedom, sum (1 - leverage)
+  double read_background = 0.0;        // the read noise's share of them, sum (1 - h) s_read^2/v
   // Shape: whitened scores z = L^-1 T and U = L' (L L' = F, the Fisher matrix of the image's
   // refined shape parameters with J, the background and the centre profiled out), n_shape
   // entries; and dJ/dphi (for the propagation of the shape's uncertainty into G).

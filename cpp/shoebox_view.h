@@ -98,6 +98,7 @@ struct ResultsView {
   double* tail_curvature = nullptr;  // [N, 3] (tt, ts, ss)
   double* background_chi2 = nullptr; // sum of chi^2 of background-dominated pixels (k = 1)
   double* background_dof = nullptr;  // their degrees of freedom
+  double* background_read = nullptr; // the read noise's share of the dof (the gain error model)
   // Per reflection.
   double* intensity_prf = nullptr;
   double* intensity_prf_sigma = nullptr;

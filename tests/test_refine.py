@@ -418,6 +418,7 @@ def test_centre_estimation_changes_nothing_on_spots_at_their_predictions(recover
     (dict(pixel_outlier_sigma=-2.0), ValueError, "pixel_outlier_sigma"),
     (dict(chi2_max=0.0), ValueError, "chi2_max"),
     (dict(profile="gaussian"), ValueError, "profile"),
+    (dict(error_model="poisson"), ValueError, "error_model"),
     (dict(background="quadric"), ValueError, "background"),
     (dict(B_min=5.0, B_max=-5.0), ValueError, "B_min"),
     (dict(max_global=0), ValueError, "max_global"),

@@ -151,6 +151,10 @@ def _write(path: str, write) -> None:
               show_default=True, help="Background per shoebox (auto: a plane in boxes that allow one).")
 @click.option("--error-scale", type=POSITIVE, default=None,
               help="σ inflation k of the error model, held. Default: estimated from the data.")
+@click.option("--error-model", type=click.Choice(["gain", "scale"]), default="gain",
+              show_default=True,
+              help="How k enters the variance: gain (counts k² × photons: k²μ + k⁴σ_read²) or "
+                   "scale (every sigma × k). The same without read noise.")
 @click.option("--reference-error", type=NON_NEGATIVE, default=None,
               help="Relative error f of I_ref, held. Default: estimated from the data.")
 @click.option("--eta", type=NON_NEGATIVE, default=0.0, show_default=True,
@@ -167,7 +171,7 @@ def _write(path: str, write) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never the input).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def refine(input_file, output, R0, R0_prior, objective, profile, background, error_scale,
-           reference_error, eta, threads, sigma_G, refine_geometry, extra, overwrite, progress):
+           error_model, reference_error, eta, threads, sigma_G, refine_geometry, extra, overwrite, progress):
     """Refine every image of INPUT_FILE and write a new results file OUTPUT."""
     check_output_path(output, overwrite=overwrite, inputs=(input_file,))
     options = _parse_options(extra)
@@ -180,7 +184,7 @@ def refine(input_file, output, R0, R0_prior, objective, profile, background, err
     start = time.perf_counter()
     try:
         results = refine_set(shoeboxes, R0=R0, R0_prior=R0_prior, objective=objective,
-                             profile=profile, error_scale=error_scale,
+                             profile=profile, error_scale=error_scale, error_model=error_model,
                              reference_error=reference_error, eta=eta, n_threads=threads,
                              progress=sys.stderr.isatty() if progress is None else progress,
                              **options)

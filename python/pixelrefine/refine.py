@@ -72,6 +72,7 @@ IMAGE_FIELDS = {
     "spot_sd": ("f8", 0), "covariance": ("f8", -1),
     "R0_gradient": ("f8", 0), "R0_curvature": ("f8", 0), "tail_gradient": ("f8", 2),
     "tail_curvature": ("f8", 3), "background_chi2": ("f8", 0), "background_dof": ("f8", 0),
+    "background_read": ("f8", 0),
 }
 REFLECTION_FIELDS = {
     "intensity_prf": ("f8", 0), "intensity_prf_sigma": ("f8", 0),
@@ -84,7 +85,7 @@ REFLECTION_FIELDS = {
 }
 #: The images' contributions to the global step: internal, not written to results files.
 GLOBAL_CONTRIBUTIONS = ("R0_gradient", "R0_curvature", "tail_gradient", "tail_curvature",
-                        "background_chi2", "background_dof")
+                        "background_chi2", "background_dof", "background_read")
 
 
 @dataclass
@@ -237,7 +238,8 @@ def initial_R0(shoeboxes: ShoeboxSet) -> np.ndarray:
 def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarray | None = None,
            objective: str = "factored", profile: str = "auto", eta: Any = 0.0,
            R0_prior: tuple[float, float] | None = None, error_scale: Any = None,
-           reference_error: Any = None, tail: tuple[Any, Any] | None = None,
+           reference_error: Any = None, error_model: str = "gain",
+           tail: tuple[Any, Any] | None = None,
            max_global: int = 10, n_threads: int = 1,
            progress: bool = False, chunk_size: int | None = None, **options: Any) -> Results:
     """Refine every image of a shoebox set, and the per-crystal values they share.
@@ -263,6 +265,10 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
     error_scale, reference_error : float, mapping or array, optional
         The error model's σ inflation k and the reference's relative error f per crystal;
         given: held; None (default): estimated from the data (METHODS.md §I.10).
+    error_model : {"gain", "scale"}
+        How k enters the pixels' variance: "gain" (default), counts that are k² × photons,
+        v = k²(Bg + J·P) + k⁴σ_read² (the read noise in photons, as the file gives it);
+        "scale", every sigma times k, v = k²(Bg + J·P + σ_read²). The same without read noise.
     tail : (fraction, scale), optional
         The heavy tail's fraction t and width s per crystal (each a float, mapping or array)
         for profile "tail", held; None (default): refined per crystal (factored objective).
@@ -301,6 +307,8 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
                  "profile", "objective"):
         if name in options:
             raise TypeError(f"pass {name} as refine()'s own argument")
+    if error_model not in ("gain", "scale"):
+        raise ValueError(f"error_model must be 'gain' or 'scale', not {error_model!r}")
     if profile not in ("auto", "isotropic", "anisotropic", "tail"):
         raise ValueError(f"profile must be 'auto', 'isotropic', 'anisotropic' or 'tail', not {profile!r}")
     if not isinstance(shoeboxes, ShoeboxSet):
@@ -348,7 +356,7 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
                        refine_R0=given_R0 is None, refine_k=given_k is None,
                        refine_f=given_f is None and objective == "factored",
                        refine_tail=given_tail is None and objective == "factored",
-                       R0_prior=R0_prior)
+                       R0_prior=R0_prior, error_model=error_model)
     results = loop.run(profile, max_global)
     results.package_version = __version__
     from .validation import check_results
@@ -401,6 +409,14 @@ def _mixture_log_terms(e2: np.ndarray, v0: np.ndarray, m2: np.ndarray, f2: float
     log_wrong = math.log(wrong) - 0.5 * (np.log(b2) + e2 / b2)
     return log_right, log_wrong, s2
 
+
+#: The smallest tail fraction the "auto" profile keeps (with t > 3 sigma_t): on spots that fill
+#: 7x7 boxes with no tail at all (``filling``, 100 stills) the tail model's t comes out at
+#: 0.011 +- 0.003 (0.006 before the cell correction), 0 on the same spots without noise, so a
+#: statistical bias of t where the tail is nearly collinear with the box's background, not a
+#: tail; kept, it made J +0.44 % high through the tail extrapolated beyond the box
+#: (METHODS.md §I.4).
+MIN_TAIL_FRACTION = 0.02
 
 #: 2Δlog L per reflection above which the mixture replaces the single Gaussian.
 MIXTURE_GAIN_PER_REFLECTION = 0.04
@@ -485,7 +501,7 @@ class _GlobalLoop:
     followed by the per-crystal steps from the images' summed contributions."""
 
     def __init__(self, shoeboxes, objective, options, crystals, n_threads, progress, chunk_size,
-                 *, refine_R0, refine_k, refine_f, refine_tail, R0_prior):
+                 *, refine_R0, refine_k, refine_f, refine_tail, R0_prior, error_model):
         self.shoeboxes = shoeboxes
         self.objective = objective
         self.options = dict(options)
@@ -496,6 +512,7 @@ class _GlobalLoop:
         self.refine_R0, self.refine_k, self.refine_f = refine_R0, refine_k, refine_f
         self.refine_tail = refine_tail
         self.R0_prior = R0_prior
+        self.error_model = error_model
         self.G_prior = None
         _, self.image_crystal = shoeboxes.crystal_index
         self.reflection_crystal = self.image_crystal[shoeboxes.reflections.image_id]
@@ -505,6 +522,8 @@ class _GlobalLoop:
         options = dict(self.options)
         if self.G_prior is not None and "G_prior" not in options:
             options["G_prior"] = list(map(float, self.G_prior))
+        if self.error_model == "gain":
+            options["read_variance_scale"] = list(map(float, self.crystals.error_scale ** 2))
         return refine_options(objective=self.objective, profile=profile,
                               **self.crystals.core_options(), **options)
 
@@ -603,10 +622,20 @@ class _GlobalLoop:
         return np.stack([np.bincount(index, values[:, j], n) for j in range(values.shape[1])], 1)
 
     def error_scale(self, results: Results) -> np.ndarray:
-        """k² = pooled χ² per degree of freedom of the background-dominated pixels."""
+        """k per crystal from the pooled χ² of the background-dominated pixels at the held
+        weights (METHODS.md §I.10). "scale": k² = χ²/dof. "gain": k² = g, the root of
+        g·(dof − R) + g²·R/k_held² = χ², the expected χ² of counts that are g × photons
+        (variance g·μ + g²σ_read²) where R is the read noise's share of the dof at the held
+        read scale k_held²; without read noise (R = 0) the two are the same."""
         chi2 = self.crystal_sum(results.images["background_chi2"])
         dof = self.crystal_sum(results.images["background_dof"])
-        k = np.sqrt(np.where(dof > 50, chi2 / np.maximum(dof, 1e-300), 1.0))
+        g = chi2 / np.maximum(dof, 1e-300)
+        if self.error_model == "gain":
+            read = self.crystal_sum(results.images["background_read"]) / self.crystals.error_scale ** 2
+            poisson = dof - self.crystal_sum(results.images["background_read"])
+            root = poisson + np.sqrt(poisson ** 2 + 4.0 * read * chi2)
+            g = np.where(read > 0, 2.0 * chi2 / np.maximum(root, 1e-300), g)
+        k = np.sqrt(np.where(dof > 50, g, 1.0))
         return np.clip(k, 0.3, 30.0)
 
     def reference_error(self, results: Results) -> tuple[np.ndarray, np.ndarray]:
@@ -702,15 +731,16 @@ class _GlobalLoop:
 
     def choose_profile(self, results: Results, requested: str, model: str, round_: int) -> str:
         """'auto': after three rounds of the tail model, keep the tail where its fraction is
-        at least 3 sigma from 0 in some crystal; then keep the anisotropy where the images'
-        summed Wald statistic of (a, c) rejects isotropy (p < 1e-3), else isotropic."""
+        at least 3 sigma from 0 and at least MIN_TAIL_FRACTION in some crystal; then keep the
+        anisotropy where the images' summed Wald statistic of (a, c) rejects isotropy
+        (p < 1e-3), else isotropic."""
         if requested not in ("auto", "auto-gaussian") or model == "isotropic":
             return model
         if model == "tail":
             if round_ < 3 or not self.refine_tail:
                 return model
             t, sigma = self.crystals.tail_fraction, self.crystals.tail_fraction_sigma
-            if np.any(t > 3 * np.nan_to_num(sigma, nan=np.inf)):
+            if np.any((t > 3 * np.nan_to_num(sigma, nan=np.inf)) & (t >= MIN_TAIL_FRACTION)):
                 return model
             self.crystals.tail_fraction[:] = 0.0
             model = "anisotropic"
@@ -783,7 +813,8 @@ class _GlobalLoop:
         results.crystals = c.as_dict()
         self.flag_uninformative_reference(results)
         options = _options_dict(self.core_options(model))
-        options.update(profile=model, refine_R0=self.refine_R0, R0_prior=self.R0_prior,
+        options.update(profile=model, error_model=self.error_model, refine_R0=self.refine_R0,
+                       R0_prior=self.R0_prior,
                        global_rounds=self.history)
         results.options = options
         for name in GLOBAL_CONTRIBUTIONS:

@@ -328,7 +328,8 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<>())
 #define OPTION(name) .def_readwrite(#name, &RefineOptions::name)
       OPTION(objective) OPTION(profile) OPTION(background) OPTION(R0) OPTION(eta)
-      OPTION(error_scale) OPTION(read_variance_scale) OPTION(reference_error) OPTION(tail_fraction) OPTION(tail_scale)
+      OPTION(error_scale) OPTION(read_variance_scale) OPTION(reference_error)
+      OPTION(tail_fraction) OPTION(tail_scale)
       OPTION(G_prior) OPTION(R0_sigma) OPTION(sigma_G) OPTION(reference_bias_correction) OPTION(fit_centres) OPTION(refine_geometry) OPTION(sigma_rotation)
       OPTION(sigma_shift) OPTION(max_outer) OPTION(max_iterations) OPTION(outer_tolerance)
       OPTION(B_min) OPTION(B_max) OPTION(min_valid_pixels) OPTION(plane_min_pixels)
@@ -477,6 +478,7 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("eps1"), py::arg("eps2"), py::arg("phi"), py::arg("S"), py::arg("pixel"),
       py::arg("delta"), py::arg("cell"), py::arg("tail"),
-      "The profile averaged over one cell (edges in eps, D's layout) and its derivatives in (R1, a, c, t, s, delta1, delta2): "
+      "The profile averaged over one cell (edges in eps, D's layout) and its derivatives in "
+      "(R1, a, c, t, s, delta1, delta2): "
       "(value, by hand, by autodiff).");
 }

@@ -496,9 +496,10 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
       // Its degrees of freedom: 1 - leverage, h_p = w_p x_p' N^-1 x_p (J and the background).
       const Eigen::Map<const Vector> x(&rows.z[size_t(j) * L.size], L.n_x);
       const double leverage = rows.weight[j] * x.dot(N_inverse * x);
+      const double dof = std::max(1.0 - leverage, 0.0);
       st.chi2_background += (w.counts[i] - mu) * (w.counts[i] - mu) / v;
-      st.dof_background += std::max(1.0 - leverage, 0.0);
-      st.read_background += std::max(1.0 - leverage, 0.0) * w.read_noise_sq[i] / v;
+      st.dof_background += dof;
+      st.read_background += dof * w.read_noise_sq[i] / v;
     }
   }
   st.J_variance_slope = std::isfinite(slope) ? slope : 0.0;

@@ -419,6 +419,7 @@ def test_centre_estimation_changes_nothing_on_spots_at_their_predictions(recover
     (dict(chi2_max=0.0), ValueError, "chi2_max"),
     (dict(profile="gaussian"), ValueError, "profile"),
     (dict(error_model="poisson"), ValueError, "error_model"),
+    (dict(read_variance_scale=[1.0]), TypeError, "read_variance_scale"),
     (dict(background="quadric"), ValueError, "background"),
     (dict(B_min=5.0, B_max=-5.0), ValueError, "B_min"),
     (dict(max_global=0), ValueError, "max_global"),

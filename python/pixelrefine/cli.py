@@ -171,7 +171,8 @@ def _write(path: str, write) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never the input).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def refine(input_file, output, R0, R0_prior, objective, profile, background, error_scale,
-           error_model, reference_error, eta, threads, sigma_G, refine_geometry, extra, overwrite, progress):
+           error_model, reference_error, eta, threads, sigma_G, refine_geometry, extra, overwrite,
+           progress):
     """Refine every image of INPUT_FILE and write a new results file OUTPUT."""
     check_output_path(output, overwrite=overwrite, inputs=(input_file,))
     options = _parse_options(extra)

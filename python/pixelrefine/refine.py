@@ -307,6 +307,9 @@ def refine(shoeboxes: ShoeboxSet, *, R0: float | Mapping[int, float] | np.ndarra
                  "profile", "objective"):
         if name in options:
             raise TypeError(f"pass {name} as refine()'s own argument")
+    if "read_variance_scale" in options:
+        raise TypeError("read_variance_scale is set by error_model and k; choose error_model "
+                        "('gain' or 'scale') and, to hold k, error_scale")
     if error_model not in ("gain", "scale"):
         raise ValueError(f"error_model must be 'gain' or 'scale', not {error_model!r}")
     if profile not in ("auto", "isotropic", "anisotropic", "tail"):
@@ -631,8 +634,9 @@ class _GlobalLoop:
         dof = self.crystal_sum(results.images["background_dof"])
         g = chi2 / np.maximum(dof, 1e-300)
         if self.error_model == "gain":
-            read = self.crystal_sum(results.images["background_read"]) / self.crystals.error_scale ** 2
-            poisson = dof - self.crystal_sum(results.images["background_read"])
+            read_share = self.crystal_sum(results.images["background_read"])  # R
+            read = read_share / self.crystals.error_scale ** 2                # R / k_held²
+            poisson = dof - read_share
             root = poisson + np.sqrt(poisson ** 2 + 4.0 * read * chi2)
             g = np.where(read > 0, 2.0 * chi2 / np.maximum(root, 1e-300), g)
         k = np.sqrt(np.where(dof > 50, g, 1.0))

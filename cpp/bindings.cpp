@@ -334,6 +334,7 @@ PYBIND11_MODULE(_core, m) {
       OPTION(sigma_shift) OPTION(max_outer) OPTION(max_iterations) OPTION(outer_tolerance)
       OPTION(B_min) OPTION(B_max) OPTION(min_valid_pixels) OPTION(plane_min_pixels)
       OPTION(min_reflections) OPTION(outlier_sigma) OPTION(pixel_outlier_sigma)
+      OPTION(model_neighbours)
       OPTION(min_profile_fraction) OPTION(min_partiality) OPTION(position_sigma)
       OPTION(spot_sd_min) OPTION(chi2_max) OPTION(variance_floor) OPTION(loss) OPTION(loss_scale);
 #undef OPTION

@@ -303,7 +303,7 @@ void ImageRefinement::update_terms(const ImageParameters& at) {
     // Nor from boxes where pixels were left out: what is left of a neighbour's spot or a zinger
     // would widen the shape (and fake a tail).
     rf.use_shape = rf.stats.shape_ok && rf.centre_sd_px <= 0.3 * work_.spot_sd_px &&
-                   !(rf.flags & kPixelOutliers);
+                   !(rf.flags & (kPixelOutliers | kNeighbourModelled));
     // Term 3 from spots whose centre the data fix (to 0.25 px per axis): a weak spot's centre
     // follows the prediction it is fitted about and would feed the geometry back on itself.
     if (geometry_ && std::isfinite(rf.centre_px[0]) && rf.centre_cov[0] + rf.centre_cov[2] < 0.125)
@@ -746,7 +746,8 @@ void ImageRefinement::global_contributions(const Matrix& term1_jacobian,
   double chi2 = 0.0, dof = 0.0, read = 0.0;
   for (const ReflectionFit& rf : work_.reflections) {
     // The counting scale from clean boxes only (a neighbour's wings are not counting noise).
-    if (!rf.integrated() || !std::isfinite(rf.stats.J) || (rf.flags & kPixelOutliers)) continue;
+    if (!rf.integrated() || !std::isfinite(rf.stats.J) || (rf.flags & (kPixelOutliers | kNeighbourModelled)))
+      continue;
     chi2 += rf.stats.chi2_background;
     dof += rf.stats.dof_background;
     read += rf.stats.read_background;
@@ -926,7 +927,7 @@ void ImageRefinement::diagnostics() {
     dof += reflection_dof;
     const bool poor = reflection_dof > 0 && st.chi2 / (k2 * reflection_dof) > options_.chi2_max;
     n_poor += poor;
-    if (!poor && !(rf.flags & kPixelOutliers)) {
+    if (!poor && !(rf.flags & (kPixelOutliers | kNeighbourModelled))) {
       clean_chi2 += st.chi2;
       clean_dof += reflection_dof;
     }
@@ -1305,8 +1306,10 @@ void model_counts(const ShoeboxSetView& set, int64_t image, const RefineOptions&
       if (rf.n_background_parameters == 3)
         bg += rf.stats.background[1] * (work.x[i] - rf.box_centre[0]) / rf.box_half +
               rf.stats.background[2] * (work.y[i] - rf.box_centre[1]) / rf.box_half;
-      mu[t] = bg + amplitude * P;
-      variance[t] = std::max(std::max(bg, 0.0) + std::max(amplitude, 0.0) * P + work.read_noise_sq[i],
+      const double neighbour = work.neighbour_counts[i];
+      mu[t] = bg + amplitude * P + neighbour;
+      variance[t] = std::max(std::max(bg, 0.0) + std::max(amplitude, 0.0) * P +
+                                 std::max(neighbour, 0.0) + work.read_noise_sq[i],
                              options.variance_floor);
     }
   }

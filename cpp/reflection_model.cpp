@@ -10,9 +10,9 @@
 namespace pixelrefine {
 namespace {
 
-// Every matrix of a local fit is at most 12 x 12 (the Gram layout): bounded, so no heap allocation.
-using Matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, 0, 12, 12>;
-using Vector = Eigen::Matrix<double, Eigen::Dynamic, 1, 0, 12, 1>;
+// Every matrix of a local fit is at most 15 x 15 (the Gram layout): bounded, so no heap allocation.
+using Matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, 0, 15, 15>;
+using Vector = Eigen::Matrix<double, Eigen::Dynamic, 1, 0, 15, 1>;
 
 // 2x2 helpers on (11, 12, 22) storage.
 Eigen::Matrix2d sym(const double s[3]) {
@@ -112,14 +112,17 @@ ProfileDerivatives pixel_derivatives(double u1, double u2, const double D[4], in
   return sum;
 }
 
-// Layout of the pass's Gram vector z = (P, background basis, dP/d delta, dP/d phi, dP/d (t, s),
-// counts) for one reflection.
+// Layout of the pass's Gram vector z = (P, background basis, P_n, dP/d delta, dP/d phi,
+// dP/d (t, s), dP_n/d c_n, counts) for one reflection; P_n and its centre's derivatives only
+// where a neighbour's spot is modelled.
 struct GramLayout {
-  int n_x, delta, shape, tail, counts, size, n_shape, n_tail;
-  GramLayout(int n_background, int n_shape_, bool with_tail)
-      : n_x(1 + n_background), delta(n_x), shape(n_x + 2), tail(n_x + 2 + n_shape_),
-        counts(n_x + 2 + n_shape_ + (with_tail ? 2 : 0)), size(counts + 1), n_shape(n_shape_),
-        n_tail(with_tail ? 2 : 0) {}
+  int n_x, neighbour, delta, shape, tail, neighbour_delta, counts, size, n_shape, n_tail;
+  GramLayout(int n_background, int n_shape_, bool with_tail, bool with_neighbour)
+      : n_x(1 + n_background + (with_neighbour ? 1 : 0)),
+        neighbour(with_neighbour ? 1 + n_background : -1), delta(n_x), shape(n_x + 2),
+        tail(n_x + 2 + n_shape_), neighbour_delta(tail + (with_tail ? 2 : 0)),
+        counts(neighbour_delta + (with_neighbour ? 2 : 0)), size(counts + 1),
+        n_shape(n_shape_), n_tail(with_tail ? 2 : 0) {}
 };
 
 // Per-pixel profile and derivative rows of one reflection, kept for the second loop.
@@ -129,7 +132,7 @@ struct PixelRows {
 };
 
 // The weighted Gram matrix sum_p w_p z_p z_p' of the rows (w = 0: a pixel left out), with the
-// row length Z known at compile time (unrolled; Z = 5..12 covers every layout).
+// row length Z known at compile time (unrolled; Z = 5..15 covers every layout).
 template <int Z>
 void accumulate_fixed(const PixelRows& rows, int64_t n, Matrix& gram) {
   double sum[Z][Z] = {};
@@ -157,6 +160,9 @@ void accumulate_rows(const PixelRows& rows, int64_t n, int size, Matrix& gram) {
     case 10: return accumulate_fixed<10>(rows, n, gram);
     case 11: return accumulate_fixed<11>(rows, n, gram);
     case 12: return accumulate_fixed<12>(rows, n, gram);
+    case 13: return accumulate_fixed<13>(rows, n, gram);
+    case 14: return accumulate_fixed<14>(rows, n, gram);
+    case 15: return accumulate_fixed<15>(rows, n, gram);
     default: throw std::logic_error("Gram layout of unexpected size");
   }
 }
@@ -200,10 +206,20 @@ void accumulate_gram(const ImageWork& w, const ReflectionFit& rf, const GramLayo
       z[L.tail] = a * f.d_tail;
       z[L.tail + 1] = a * f.d_tail_scale;
     }
+    if (L.neighbour >= 0) {  // the neighbour's spot: the same shape about its own centre
+      const ProfileDerivatives g = pixel_derivatives(
+          w.eps1[i] - rf.neighbour_centre[0], w.eps2[i] - rf.neighbour_centre[1],
+          rf.pixel_jacobian, w.subpixels, M, det, root_det, t, s, tail);
+      z[L.neighbour] = a * g.value;
+      z[L.neighbour_delta] = a * g.d_delta[0];
+      z[L.neighbour_delta + 1] = a * g.d_delta[1];
+    }
     // Counts less a known background; the fitted background is in the design.
     z[L.counts] = w.counts[i] - (rf.n_background_parameters == 0 ? bg : 0.0);
     if (!w.used[i]) continue;
-    const double v = std::max(std::max(bg, 0.0) + rf.amplitude_expected * z[0] + w.read_noise_sq[i],
+    const double neighbour = L.neighbour >= 0 ? rf.neighbour_amplitude * z[L.neighbour] : 0.0;
+    const double v = std::max(std::max(bg, 0.0) + rf.amplitude_expected * z[0] + neighbour +
+                                  w.read_noise_sq[i],
                               options.variance_floor);
     rows.weight[j] = 1.0 / v;
     p_sum += z[0];
@@ -217,7 +233,7 @@ void accumulate_gram(const ImageWork& w, const ReflectionFit& rf, const GramLayo
 // dP/d delta, counts) with the pass's weights. Skipped (the main pass's values stand) when 2S
 // is negligible against Sigma.
 void centre_statistics(const ImageWork& w, ReflectionFit& rf, const ImageParameters& params,
-                       const PixelRows& rows, const Sym2<double>& M_wide) {
+                       const GramLayout& L, const PixelRows& rows, const Sym2<double>& M_wide) {
   ReflectionStatistics& st = rf.stats;
   st.centre_amplitude = st.J;
   const Sym2<double> sigma_wide = M_wide.inverse();
@@ -228,9 +244,10 @@ void centre_statistics(const ImageWork& w, ReflectionFit& rf, const ImageParamet
   const double det = M.det(), root_det = std::sqrt(det);
   const bool tail = w.profile_model == ProfileModel::kTail;
   const double t = tail ? params.phi[kShapeTail] : 0.0, s = params.phi[kShapeTailScale];
-  const int nx = 1 + rf.n_background_parameters, size = nx + 3;
+  // The design is the pass's (P, background basis, P_n), P at the known centre.
+  const int nx = L.n_x, size = nx + 3;
   Matrix gram = Matrix::Zero(size, size);
-  double z[7];
+  double z[8];
   for (int64_t j = 0; j < rf.pixel_end - rf.pixel_begin; ++j) {
     const double weight = rows.weight[j];
     if (!(weight > 0.0)) continue;
@@ -245,6 +262,7 @@ void centre_statistics(const ImageWork& w, ReflectionFit& rf, const ImageParamet
       z[2] = (w.x[i] - rf.box_centre[0]) / rf.box_half;
       z[3] = (w.y[i] - rf.box_centre[1]) / rf.box_half;
     }
+    if (L.neighbour >= 0) z[L.neighbour] = rows.z[size_t(j) * L.size + L.neighbour];
     z[nx] = a * f.d_delta[0];
     z[nx + 1] = a * f.d_delta[1];
     z[nx + 2] = w.counts[i] - (rf.n_background_parameters == 0 ? rows.background[j] : 0.0);
@@ -267,6 +285,38 @@ void centre_statistics(const ImageWork& w, ReflectionFit& rf, const ImageParamet
   st.centre_score[1] = T(1);
 }
 
+// The number of background parameters in a layout (the design less P and P_n).
+int background_count(const GramLayout& L) { return L.n_x - 1 - (L.neighbour >= 0 ? 1 : 0); }
+
+// The neighbour's amplitude J_n and its variance, and its centre's score and information per
+// unit J_n^2 with the design (P, background, P_n) profiled: F = D'WD - D'WX N^-1 X'WD,
+// T = D'W (I - X beta), D = dP_n/d c_n.
+void neighbour_statistics(const Matrix& gram, const GramLayout& L, const Vector& beta,
+                          const Matrix& N_inverse, ReflectionStatistics& st) {
+  const int nx = L.n_x, r = L.neighbour_delta;
+  st.neighbour_J = beta(L.neighbour);
+  st.neighbour_J_variance = N_inverse(L.neighbour, L.neighbour);
+  const Matrix DX = gram.block(r, 0, 2, nx);
+  const Matrix F = gram.block(r, r, 2, 2) - DX * N_inverse * DX.transpose();
+  const Vector T = gram.block(r, L.counts, 2, 1) - DX * beta;
+  st.neighbour_information[0] = F(0, 0);
+  st.neighbour_information[1] = F(0, 1);
+  st.neighbour_information[2] = F(1, 1);
+  st.neighbour_score[0] = T(0);
+  st.neighbour_score[1] = T(1);
+  // J's variance with the neighbour's centre fitted too: the design (X, J_n D).
+  const double Jn = beta(L.neighbour);
+  Matrix N_full(nx + 2, nx + 2);
+  N_full.topLeftCorner(nx, nx) = gram.topLeftCorner(nx, nx);
+  N_full.block(nx, 0, 2, nx) = Jn * DX;
+  N_full.block(0, nx, nx, 2) = Jn * DX.transpose();
+  N_full.block(nx, nx, 2, 2) = Jn * Jn * gram.block(r, r, 2, 2);
+  Eigen::LDLT<Matrix> ldlt(N_full);
+  const Vector e0 = Vector::Unit(nx + 2, 0);
+  const double v = ldlt.solve(e0)(0);
+  if (ldlt.info() == Eigen::Success && v >= st.J_variance && std::isfinite(v)) st.J_variance = v;
+}
+
 // The reflection's local fit from its Gram matrix: J and the background by weighted least
 // squares, chi^2, the profiled scores and Fisher matrices of the centre and the shape.
 void solve_local_fit(const Matrix& gram, const GramLayout& L, ReflectionStatistics& st,
@@ -280,8 +330,9 @@ void solve_local_fit(const Matrix& gram, const GramLayout& L, ReflectionStatisti
   N_inverse_out = N_inverse;
   st.J = beta(0);
   st.J_variance = N_inverse(0, 0);
-  for (int k = 1; k < nx; ++k) st.background[k - 1] = beta(k);
+  for (int k = 1; k <= background_count(L); ++k) st.background[k - 1] = beta(k);
   st.chi2 = std::max(gram(I, I) - beta.dot(rhs), 0.0);
+  if (L.neighbour >= 0) neighbour_statistics(gram, L, beta, N_inverse, st);
   // Derivative rows D = (centre, shape, tail), projected off the (P, background) design.
   const int nd = 2 + L.n_shape + L.n_tail;
   const Matrix DX = gram.block(nx, 0, nd, nx);
@@ -330,9 +381,18 @@ void solve_local_fit(const Matrix& gram, const GramLayout& L, ReflectionStatisti
 // chi^2 of the background-dominated pixels (the error model's counting scale).
 // The spot's region (pixels): its centre and the radius within which no pixel may be left out,
 // 3 sd of the widest axis of the effective core (which includes the centre's uncertainty 2S)
-// plus one pixel. A spot whose centre is not known yet covers the box.
+// plus one pixel; and a modelled neighbour's region, of the same radius about its centre.
+// A spot whose centre is not known yet covers the box.
 struct SpotRegion {
-  double x, y, radius_sq;
+  double x, y, radius_sq, sd;  // sd: the core's along its widest axis (pixels)
+  bool neighbour = false;
+  double neighbour_x = 0.0, neighbour_y = 0.0;
+  bool contains(double px, double py) const {
+    const double dx = px - x, dy = py - y;
+    if (dx * dx + dy * dy <= radius_sq) return true;
+    const double nx = px - neighbour_x, ny = py - neighbour_y;
+    return neighbour && nx * nx + ny * ny <= radius_sq;
+  }
 };
 SpotRegion spot_region(const ReflectionFit& rf, const Sym2<double>& M) {
   const Eigen::Matrix2d D = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
@@ -343,7 +403,16 @@ SpotRegion spot_region(const ReflectionFit& rf, const Sym2<double>& M) {
   const double widest = Eigen::SelfAdjointEigenSolver<Eigen::Matrix2d>(cov).eigenvalues()(1);
   const Eigen::Vector2d centre = D_inverse * Eigen::Vector2d(rf.delta[0], rf.delta[1]);
   const double radius = 3.0 * std::sqrt(std::max(widest, 0.0)) + 1.0;
-  return {rf.pred.x + centre(0), rf.pred.y + centre(1), radius * radius};
+  SpotRegion region{rf.pred.x + centre(0), rf.pred.y + centre(1), radius * radius,
+                    std::sqrt(std::max(widest, 0.0))};
+  if (rf.neighbour) {
+    const Eigen::Vector2d c =
+        D_inverse * Eigen::Vector2d(rf.neighbour_centre[0], rf.neighbour_centre[1]);
+    region.neighbour = true;
+    region.neighbour_x = rf.pred.x + c(0);
+    region.neighbour_y = rf.pred.y + c(1);
+  }
+  return region;
 }
 
 // The box's valid pixels on its grid: index (in [pixel_begin, pixel_end)) of pixel (i, j), or -1.
@@ -385,14 +454,45 @@ struct BoxGrid {
   }
 };
 
+// The counts of a group of pixels above the model (the model's negative expectation, a
+// plane tilted by the neighbour's light, taken as 0) and their variance.
+struct GroupExcess {
+  double sum = 0.0, variance = 0.0, eps[2] = {0.0, 0.0};
+};
+GroupExcess group_excess(const ImageWork& w, const ReflectionFit& rf,
+                         const std::vector<int64_t>& members) {
+  GroupExcess g;
+  for (int64_t j : members) {
+    const int64_t i = rf.pixel_begin + j;
+    const double expected = std::max(w.expected[i], 0.0);
+    const double excess = std::max(w.counts[i] - expected, 0.0);
+    g.sum += excess;
+    g.variance += std::max(expected, 1.0) + w.read_noise_sq[i];
+    g.eps[0] += excess * w.eps1[i];
+    g.eps[1] += excess * w.eps2[i];
+  }
+  return g;
+}
+
+// A neighbour's spot found as a group of pixels far above the model outside the spot's
+// region: modelled from the next pass on, centred at the group's centroid of the counts above
+// the model, its amplitude their sum.
+void start_neighbour(ReflectionFit& rf, const GroupExcess& g) {
+  rf.neighbour = true;
+  ++rf.neighbour_tries;
+  rf.neighbour_centre[0] = g.eps[0] / g.sum;
+  rf.neighbour_centre[1] = g.eps[1] / g.sum;
+  rf.neighbour_amplitude = g.sum;
+}
+
 // Pixels far above the model that the model cannot be: outside the spot's region any pixel
 // more than `threshold` sd above (a neighbour's spot, a zinger), with the group of pixels above
 // 2.5 sd it belongs to (the neighbour's wings); inside the region an isolated spike (more than `threshold` sd
 // and more than threshold/2 above every 4-neighbour: a zinger; a spot the model misplaces or
 // mis-sizes is never isolated). A pixel stays out while it is more than threshold/2 sd above
 // (hysteresis, so that the decisions settle). Returns whether any pixel is out.
-bool mark_outlier_pixels(ImageWork& w, const ReflectionFit& rf, const std::vector<double>& z,
-                         const SpotRegion& region, double threshold) {
+bool mark_outlier_pixels(ImageWork& w, ReflectionFit& rf, const std::vector<double>& z,
+                         const SpotRegion& region, double threshold, bool model_neighbours) {
   thread_local BoxGrid grid;
   grid.build(w, rf);
   const int64_t n = rf.pixel_end - rf.pixel_begin;
@@ -401,8 +501,7 @@ bool mark_outlier_pixels(ImageWork& w, const ReflectionFit& rf, const std::vecto
   bool any = false;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t i = rf.pixel_begin + j;
-    const double dx = w.x[i] - region.x, dy = w.y[i] - region.y;
-    const bool inside = dx * dx + dy * dy <= region.radius_sq;
+    const bool inside = region.contains(w.x[i], w.y[i]);
     const bool was_out = !w.used[i];
     bool outlier;
     if (!inside)
@@ -417,12 +516,13 @@ bool mark_outlier_pixels(ImageWork& w, const ReflectionFit& rf, const std::vecto
   // touches a pixel already out.
   thread_local std::vector<int> component;
   component.assign(n, -1);
-  thread_local std::vector<int64_t> members;
+  thread_local std::vector<int64_t> members, best_members;
+  best_members.clear();
+  GroupExcess best;
   for (int64_t start = 0; start < n; ++start) {
     if (component[start] >= 0 || z[start] <= 2.5) continue;
     const int64_t i0 = rf.pixel_begin + start;
-    const double dx0 = w.x[i0] - region.x, dy0 = w.y[i0] - region.y;
-    if (dx0 * dx0 + dy0 * dy0 <= region.radius_sq) continue;
+    if (region.contains(w.x[i0], w.y[i0])) continue;
     members.assign(1, start);
     component[start] = int(start);
     double chi2 = 0.0;
@@ -433,14 +533,27 @@ bool mark_outlier_pixels(ImageWork& w, const ReflectionFit& rf, const std::vecto
       touches = touches || out[j];
       grid.for_each_neighbour(w, rf, rf.pixel_begin + j, [&](int64_t k) {
         const int64_t jk = k - rf.pixel_begin;
-        const double dx = w.x[k] - region.x, dy = w.y[k] - region.y;
-        if (component[jk] >= 0 || z[jk] <= 2.5 || dx * dx + dy * dy <= region.radius_sq) return;
+        if (component[jk] >= 0 || z[jk] <= 2.5 || region.contains(w.x[k], w.y[k])) return;
         component[jk] = int(start);
         members.push_back(jk);
       });
     }
-    if (touches || (members.size() >= 2 && chi2 > threshold * threshold))
+    if (touches || (members.size() >= 2 && chi2 > threshold * threshold)) {
       for (int64_t j : members) out[j] = 1;
+      // A neighbour's spot: three pixels or more whose counts above the model are more
+      // than 5 sd in sum; the strongest such group.
+      const GroupExcess g = model_neighbours && members.size() >= 3 ? group_excess(w, rf, members)
+                                                                     : GroupExcess{};
+      if (g.sum > 5.0 * std::sqrt(g.variance) && g.sum > best.sum) {
+        best = g;
+        best_members = members;
+      }
+    }
+  }
+  // The neighbour found is modelled from the next pass on, its pixels back in.
+  if (!rf.neighbour && rf.neighbour_tries < kNeighbourTries && !best_members.empty()) {
+    start_neighbour(rf, best);
+    for (int64_t j : best_members) out[j] = 0;
   }
   for (int64_t j = 0; j < n; ++j) {
     w.used[rf.pixel_begin + j] = !out[j];
@@ -475,24 +588,26 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
     const int64_t i = rf.pixel_begin + j;
     const double P = rows.z[size_t(j) * L.size];
     const double bg = background_at(w, rf, beta, i);
-    const double mu = bg + st.J * P;
+    const double neighbour = L.neighbour >= 0 ? st.neighbour_J * rows.z[size_t(j) * L.size + L.neighbour] : 0.0;
+    const double mu = bg + st.J * P + neighbour;
     w.weight[i] = rows.weight[j];
+    w.neighbour_counts[i] = neighbour;
     if (rows.weight[j] > 0.0) {
       const double u1 = w.eps1[i] - rf.delta[0], u2 = w.eps2[i] - rf.delta[1];
-      m2_num += (w.counts[i] - bg) * 0.5 * (u1 * u1 + u2 * u2);
-      m2_den += w.counts[i] - bg;
+      m2_num += (w.counts[i] - bg - neighbour) * 0.5 * (u1 * u1 + u2 * u2);
+      m2_den += w.counts[i] - bg - neighbour;
     }
     if (slope_defined && rows.weight[j] > 0.0 && rows.background[j] > 0.0) {
       const Eigen::Map<const Vector> x(&rows.z[size_t(j) * L.size], nx);
       const double xu = x.dot(u);
       slope += rows.weight[j] * rows.weight[j] * c.dot(x.tail(nx - 1)) * xu * xu;
     }
-    const double v = std::max(std::max(bg, 0.0) + std::max(st.J, 0.0) * P + w.read_noise_sq[i],
-                              options.variance_floor);
+    const double spots = std::max(st.J, 0.0) * P + std::max(neighbour, 0.0);
+    const double v = std::max(std::max(bg, 0.0) + spots + w.read_noise_sq[i], options.variance_floor);
     w.expected[i] = mu;
     w.variance[i] = v;
     z[j] = (w.counts[i] - mu) / (error_scale * std::sqrt(v));
-    if (rows.weight[j] > 0.0 && std::max(st.J, 0.0) * P < 0.1 * std::max(bg, options.variance_floor)) {
+    if (rows.weight[j] > 0.0 && spots < 0.1 * std::max(bg, options.variance_floor)) {
       // Its degrees of freedom: 1 - leverage, h_p = w_p x_p' N^-1 x_p (J and the background).
       const Eigen::Map<const Vector> x(&rows.z[size_t(j) * L.size], L.n_x);
       const double leverage = rows.weight[j] * x.dot(N_inverse * x);
@@ -504,9 +619,17 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
   }
   st.J_variance_slope = std::isfinite(slope) ? slope : 0.0;
   const bool any = options.pixel_outlier_sigma > 0.0 &&
-                   mark_outlier_pixels(w, rf, z, region, options.pixel_outlier_sigma);
+                   mark_outlier_pixels(w, rf, z, region, options.pixel_outlier_sigma,
+                                       options.model_neighbours);
   if (any) rf.flags |= kPixelOutliers; else rf.flags &= ~kPixelOutliers;
   st.m2_obs = m2_den != 0.0 ? m2_num / m2_den : kNaN;
+}
+
+void drop_neighbour(ImageWork& w, ReflectionFit& rf) {
+  rf.neighbour = false;
+  rf.neighbour_amplitude = 0.0;
+  rf.stats.neighbour_J = rf.stats.neighbour_J_variance = kNaN;
+  std::fill(w.neighbour_counts.begin() + rf.pixel_begin, w.neighbour_counts.begin() + rf.pixel_end, 0.0);
 }
 
 // The pass for one reflection at the held parameters.
@@ -515,20 +638,29 @@ void fit_reflection(ImageWork& w, ReflectionFit& rf, const ImageParameters& para
   thread_local PixelRows rows;
   thread_local Matrix gram;
   const bool with_tail = w.profile_model == ProfileModel::kTail;
-  const GramLayout L(rf.n_background_parameters, w.n_shape, with_tail);
   const PrecisionWithDerivatives pd = precision_derivatives(params.phi, rf.S, rf.pixel_smoothing);
+  SpotRegion region = spot_region(rf, pd.M);
+  // Two profiles closer than 2.5 sd (their correlation above 0.2) are not told apart.
+  if (region.neighbour &&
+      std::hypot(region.neighbour_x - region.x, region.neighbour_y - region.y) < 2.5 * region.sd) {
+    drop_neighbour(w, rf);
+    region.neighbour = false;
+  }
+  const GramLayout L(rf.n_background_parameters, w.n_shape, with_tail, rf.neighbour);
+  if (rf.neighbour) rf.flags |= kNeighbourModelled; else rf.flags &= ~kNeighbourModelled;
   double p_sum = 0.0;
   accumulate_gram(w, rf, L, pd, params, options, rows, gram, p_sum);
   ReflectionStatistics& st = rf.stats;
   const int n_used = int(std::count(w.used.begin() + rf.pixel_begin, w.used.begin() + rf.pixel_end, 1));
   st.n_used = n_used;
-  st.n_parameters = L.n_x + 2;
+  st.n_parameters = L.n_x + 2 + (L.neighbour >= 0 ? 2 : 0);
   st.profile_fraction = p_sum;
   if (!(p_sum >= options.min_profile_fraction) || n_used < std::max(options.min_valid_pixels, L.n_x + 1)) {
     rf.flags |= kProfileOutsideBox;
     st.J = st.J_variance = kNaN;
     st.shape_ok = false;
     std::fill(w.used.begin() + rf.pixel_begin, w.used.begin() + rf.pixel_end, 1);
+    std::fill(w.neighbour_counts.begin() + rf.pixel_begin, w.neighbour_counts.begin() + rf.pixel_end, 0.0);
     return;
   }
   rf.flags &= ~kProfileOutsideBox;
@@ -541,8 +673,8 @@ void fit_reflection(ImageWork& w, ReflectionFit& rf, const ImageParameters& para
     return;
   }
   if (st.shape_ok) rf.flags &= ~kNoShape; else rf.flags |= kNoShape;
-  centre_statistics(w, rf, params, rows, pd.M);
-  model_pixels(w, rf, L, rows, options, params.error_scale, spot_region(rf, pd.M), N_inverse);
+  centre_statistics(w, rf, params, L, rows, pd.M);
+  model_pixels(w, rf, L, rows, options, params.error_scale, region, N_inverse);
 }
 
 // The image's rms offset of spots from their predictions (pixels, per axis), by the method of
@@ -617,6 +749,41 @@ double update_centre(ReflectionFit& rf, double position_sigma_px, double error_s
   const Eigen::Matrix2d precision = information + omega;
   const double size = std::sqrt(std::max(step.dot(precision * step), 0.0));
   return std::isfinite(size) ? size : 0.0;
+}
+
+// After a pass: a modelled neighbour's centre moved by a Gauss-Newton step (c_n += F^-1 T / J_n,
+// at most one pixel), its amplitude held for the weights; dropped when its amplitude is not
+// 3 sd above 0 (what is left of it is then left out as outlier pixels, as before).
+void update_neighbour(ImageWork& w, ReflectionFit& rf) {
+  const ReflectionStatistics& st = rf.stats;
+  if (!rf.neighbour || !std::isfinite(st.neighbour_J)) return;  // found in this pass: not fitted yet
+  if (!(st.neighbour_J > 3.0 * std::sqrt(st.neighbour_J_variance))) {
+    drop_neighbour(w, rf);
+    return;
+  }
+  rf.neighbour_amplitude = st.neighbour_J;
+  const Eigen::Matrix2d F = sym(st.neighbour_information);
+  if (!(F.determinant() > 0.0 && F(0, 0) > 0.0)) return;
+  Eigen::Vector2d step = F.ldlt().solve(Eigen::Vector2d(st.neighbour_score[0], st.neighbour_score[1])) /
+                         st.neighbour_J;
+  const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
+                               rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+  const double step_px = (jac.inverse() * step).norm();
+  if (!std::isfinite(step_px)) return;
+  if (step_px > 1.0) step /= step_px;
+  rf.neighbour_centre[0] += step(0);
+  rf.neighbour_centre[1] += step(1);
+  // The spot is the one nearer its prediction: a centre captured by a brighter neighbour is
+  // handed back.
+  const Eigen::Matrix2d jac_inverse = jac.inverse();
+  const double spot_px = (jac_inverse * Eigen::Vector2d(rf.delta[0], rf.delta[1])).norm();
+  const double neighbour_px =
+      (jac_inverse * Eigen::Vector2d(rf.neighbour_centre[0], rf.neighbour_centre[1])).norm();
+  if (neighbour_px < spot_px) {
+    std::swap(rf.delta[0], rf.neighbour_centre[0]);
+    std::swap(rf.delta[1], rf.neighbour_centre[1]);
+    rf.neighbour_amplitude = std::max(st.J, 0.0);
+  }
 }
 
 // Isolated spikes in the raw counts (zingers), left out of the first pass: more than 10 sd
@@ -765,7 +932,7 @@ void setup_image(const ShoeboxSetView& set, int64_t image, const RefineOptions& 
   }
   const size_t n = work.counts.size();
   for (std::vector<double>* v : {&work.eps1, &work.eps2, &work.area, &work.expected, &work.variance,
-                                 &work.weight})
+                                 &work.weight, &work.neighbour_counts})
     v->assign(n, 0.0);
   work.used.assign(n, 1);
 }
@@ -846,6 +1013,9 @@ void initialise_reflections(ImageWork& work, const RefineOptions& options) {
   for (ReflectionFit& rf : work.reflections) {
     rf.stats = ReflectionStatistics{};
     rf.delta[0] = rf.delta[1] = 0.0;
+    rf.neighbour = false;
+    rf.neighbour_tries = 0;
+    rf.neighbour_amplitude = 0.0;
     if (rf.pixel_end == rf.pixel_begin || !std::isfinite(rf.a_mean)) continue;
     const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
                                  rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
@@ -1035,6 +1205,7 @@ void fit_reflections(ImageWork& work, const ImageParameters& params, const Refin
       continue;
     }
     moving += update_centre(rf, work.position_sigma_px, params.error_scale, options.fit_centres) > 1.0;
+    update_neighbour(work, rf);
     ++located;
     // The weights' amplitude: the reference's expectation J_model, unless the reflection has
     // none, J_model <= 0, or its reference is an outlier; then the data's J.

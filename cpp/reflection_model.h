@@ -37,6 +37,7 @@ enum ReflectionFlag : int32_t {
   kLowPartiality = 512,      // p < min_partiality: intensity_scaled not given
   kPlaneBackground = 1024,   // the background is a plane (else flat)
   kPoorFitReflection = 2048, // the reflection's pixel chi^2 per degree of freedom above chi2_max
+  kNeighbourModelled = 4096, // a neighbour's spot in the box, fitted as a second profile
 };
 
 // Image status codes (/images/status).
@@ -81,6 +82,7 @@ struct RefineOptions {
   int min_reflections = 3;
   double outlier_sigma = 6.0;           // Term 1: |r1| above this leaves the scale fit (0 = never)
   double pixel_outlier_sigma = 6.0;     // pixels this far above the model are left out (0 = never)
+  bool model_neighbours = true;         // fit a neighbour's spot found in a box as a second profile
   double min_profile_fraction = 0.2;    // integrated only when the valid pixels hold this much
   double min_partiality = 1e-3;         // intensity_scaled only above this partiality
   double position_sigma = 0.5;          // starting rms offset of spots from prediction (pixels)
@@ -132,6 +134,11 @@ struct ReflectionStatistics {
   double centre_amplitude = kNaN;
   double centre_score[2] = {0, 0};
   double centre_information[3] = {0, 0, 0};  // (11, 12, 22)
+  // A neighbour's spot fitted in the box: its amplitude, the amplitude's variance, and the
+  // score and information (per unit amplitude^2) of its centre, J and the background profiled.
+  double neighbour_J = kNaN, neighbour_J_variance = kNaN;
+  double neighbour_score[2] = {0, 0};
+  double neighbour_information[3] = {0, 0, 0};
   bool shape_ok = false;
 };
 
@@ -145,6 +152,8 @@ struct GeometryLinearisation {
   double width_sq = 1.0;
   double x = 0.0, y = 0.0, x_gradient[4] = {0, 0, 0, 0}, y_gradient[4] = {0, 0, 0, 0};
 };
+
+constexpr int kNeighbourTries = 2;
 
 // Per-reflection state. Pixel-level arrays live in ImageWork, in [pixel_begin, pixel_end).
 struct ReflectionFit {
@@ -179,6 +188,13 @@ struct ReflectionFit {
   double centre_cov[3] = {kNaN, kNaN, kNaN};
   double centre_sd_px = kInf;  // sd of the held centre (largest axis of S, pixels)
   bool relocated = false;      // the centre was started again from the counts once
+  // A neighbour's spot in the box (METHODS.md §I.7): fitted as a second profile of the same
+  // shape, amplitude in the local fit, centre (A^-1, (e1, e2) about c_pred) by a Gauss-Newton
+  // step per pass; dropped when not significant, found at most kNeighbourTries times.
+  bool neighbour = false;
+  int neighbour_tries = 0;
+  double neighbour_centre[2] = {0, 0};
+  double neighbour_amplitude = 0.0;  // its amplitude in the weights, from the last pass
   // Term 1, held within a solve.
   double sigma_intensity = kNaN;  // sqrt(k^2 var_m J + (f J_model)^2), model_J_variance
   double intensity_residual = 0.0;
@@ -206,6 +222,7 @@ struct ImageWork {
   std::vector<double> variance;      // v_p of the last pass
   std::vector<double> weight;        // w_p = 1/v_p of the last pass (0: pixel left out)
   std::vector<uint8_t> used;         // 0: left out as an outlier pixel in the last pass
+  std::vector<double> neighbour_counts;  // a modelled neighbour's J_n P_n of the last pass (else 0)
   double position_sigma_px = 0.5;    // rms offset of spots from prediction (pixels), held
   int subpixels = 1;                 // n: the profile is averaged over n x n points per pixel
   double centre_moving = 0.0;        // fraction of centres that moved > 1 posterior sd last pass

@@ -114,8 +114,9 @@ struct PositionResidual {
 
 // Baseline per-pixel objective (parameters G, B, phi (NS refined entries), the reflection's
 // background b (NB = 1: flat; 3: plane)):
-//   r_p = (I_p - bg_p(b) - G B_term p pol I_ref P_p(phi)) / sqrt(v_p),
-// P_p at the held centre of the spot, w_p = 1/v_p the pass's weight (0 for a pixel left out);
+//   r_p = (I_p - bg_p(b) - n_p - G B_term p pol I_ref P_p(phi)) / sqrt(v_p),
+// P_p at the held centre of the spot, n_p a modelled neighbour's counts of the last pass (held),
+// w_p = 1/v_p the pass's weight (0 for a pixel left out);
 // one residual block per pixel so that a Ceres loss function applies per pixel. A background
 // given by the file is used as it is (b then unused and held constant).
 template <int NS, int NB>
@@ -141,7 +142,8 @@ struct PixelResidual {
         bg += b[1 % NB] * ((work->x[pixel] - rf->box_centre[0]) / rf->box_half) +
               b[2 % NB] * ((work->y[pixel] - rf->box_centre[1]) / rf->box_half);
     }
-    residual[0] = (work->counts[pixel] - bg - j_model * P) * std::sqrt(work->weight[pixel]);
+    residual[0] = (work->counts[pixel] - bg - work->neighbour_counts[pixel] - j_model * P) *
+                  std::sqrt(work->weight[pixel]);
     return true;
   }
   const ImageWork* work;

@@ -25,9 +25,6 @@ LIMITS = {
     # SNR 3-10 and loses efficiency against the bound, which knows the centre; J's sigma is the
     # one at the fitted centre, without the centre's own uncertainty (pulls sd ~1.3).
     "offset": dict(efficiency=0.8, pull_sd=(0.9, 1.35)),
-    # Boxes with a neighbour's spot are left out of the bound's comparison; what remains of a
-    # neighbour's wings near the spot widens the pulls of the few spots it touches.
-    "zingers_neighbours": dict(efficiency=0.85, pull_sd=(0.85, 1.25)),
 }
 
 

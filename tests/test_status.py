@@ -164,7 +164,7 @@ def test_beyond_the_ewald_limit_is_flagged(small_set):
 
 def test_status_and_flag_tables_document_every_code():
     assert set(STATUS) == set(range(10))
-    assert sorted(FLAGS) == [1 << i for i in range(12)]
+    assert sorted(FLAGS) == [1 << i for i in range(13)]
 
 
 def test_a_reference_the_data_contradict_is_status_9():

@@ -57,6 +57,7 @@ FLAGS = {
     512: "low_partiality",
     1024: "plane_background",
     2048: "poor_fit",
+    4096: "neighbour_modelled",
 }
 
 # (dtype, columns): 0 a vector, n a [rows, n] array, -1 the [N, k, k] covariance. Names and

@@ -694,8 +694,8 @@ class _GlobalLoop:
 
     def tail_scale_limit(self, results: Results) -> np.ndarray:
         """The widest tail a crystal's boxes can tell from their background: its scale s times
-        the core's sd no more than half the boxes' median half-side (a wider tail is flat over
-        the box, the background's double), within [1.5, 20]."""
+        the core's sd no more than the boxes' median half-side (a wider tail is flat over the
+        box, the background's double), within [1.5, 20]."""
         half = 0.5 * np.median(self.shoeboxes.reflections.shoebox_shape, axis=1)
         sd = results.images["spot_sd"]
         limits = np.full(len(self.crystals.R0), 20.0)
@@ -704,7 +704,7 @@ class _GlobalLoop:
             rows = np.isin(self.shoeboxes.reflections.image_id, images)
             core = np.nanmedian(sd[images]) if np.isfinite(sd[images]).any() else np.nan
             if rows.any() and np.isfinite(core) and core > 0:
-                limits[c] = np.clip(0.5 * np.median(half[rows]) / core, 1.5, 20.0)
+                limits[c] = np.clip(np.median(half[rows]) / core, 1.5, 20.0)
         return limits
 
     def tail_step(self, results: Results) -> np.ndarray:

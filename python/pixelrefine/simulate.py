@@ -459,6 +459,10 @@ REGIMES: dict[str, dict[str, Any]] = {
     "read_noise": dict(read_noise=3.0, gain=1.7),
     # Heavy tails: 30 % of each spot in a Lorentzian-like tail (scale 3, β = 2), 11×11 boxes.
     "tails": dict(tail_fraction=0.3, tail_scale=3.0, tail_beta=2.0, shoebox_size=11),
+    # Heavy tails that overflow their box: spots σ 1–2 px with 20 % in a tail of scale 3 (its
+    # sd 3–6 px) in 15×15 boxes, as the smaller boxes DIALS cuts on Pilatus stills.
+    "tails_overflow": dict(tail_fraction=0.2, tail_scale=3.0, tail_beta=2.0,
+                           spot_sigma_px=(1.0, 2.0), shoebox_size=15),
     # Anisotropic spots: 2–4 px long, 1–2 px wide (axis ratio 2, random angle), 15×15 boxes.
     "anisotropic": dict(spot_sigma_px=(2**0.5, 2 * 2**0.5), anisotropy=2.0,
                         anisotropy_angle=None, shoebox_size=15),

@@ -303,7 +303,7 @@ void ImageRefinement::update_terms(const ImageParameters& at) {
     // Nor from boxes where pixels were left out: what is left of a neighbour's spot or a zinger
     // would widen the shape (and fake a tail).
     rf.use_shape = rf.stats.shape_ok && rf.centre_sd_px <= 0.3 * work_.spot_sd_px &&
-                   !(rf.flags & (kPixelOutliers | kNeighbourModelled));
+                   !(rf.flags & kForeignLight);
     // Term 3 from spots whose centre the data fix (to 0.25 px per axis): a weak spot's centre
     // follows the prediction it is fitted about and would feed the geometry back on itself.
     if (geometry_ && std::isfinite(rf.centre_px[0]) && rf.centre_cov[0] + rf.centre_cov[2] < 0.125)
@@ -746,8 +746,7 @@ void ImageRefinement::global_contributions(const Matrix& term1_jacobian,
   double chi2 = 0.0, dof = 0.0, read = 0.0;
   for (const ReflectionFit& rf : work_.reflections) {
     // The counting scale from clean boxes only (a neighbour's wings are not counting noise).
-    if (!rf.integrated() || !std::isfinite(rf.stats.J) || (rf.flags & (kPixelOutliers | kNeighbourModelled)))
-      continue;
+    if (!rf.integrated() || !std::isfinite(rf.stats.J) || (rf.flags & kForeignLight)) continue;
     chi2 += rf.stats.chi2_background;
     dof += rf.stats.dof_background;
     read += rf.stats.read_background;
@@ -927,7 +926,7 @@ void ImageRefinement::diagnostics() {
     dof += reflection_dof;
     const bool poor = reflection_dof > 0 && st.chi2 / (k2 * reflection_dof) > options_.chi2_max;
     n_poor += poor;
-    if (!poor && !(rf.flags & (kPixelOutliers | kNeighbourModelled))) {
+    if (!poor && !(rf.flags & kForeignLight)) {
       clean_chi2 += st.chi2;
       clean_dof += reflection_dof;
     }

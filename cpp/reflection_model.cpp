@@ -116,9 +116,10 @@ ProfileDerivatives pixel_derivatives(double u1, double u2, const double D[4], in
 // dP/d (t, s), dP_n/d c_n, counts) for one reflection; P_n and its centre's derivatives only
 // where a neighbour's spot is modelled.
 struct GramLayout {
-  int n_x, neighbour, delta, shape, tail, neighbour_delta, counts, size, n_shape, n_tail;
-  GramLayout(int n_background, int n_shape_, bool with_tail, bool with_neighbour)
-      : n_x(1 + n_background + (with_neighbour ? 1 : 0)),
+  int n_background, n_x, neighbour, delta, shape, tail, neighbour_delta, counts, size, n_shape,
+      n_tail;
+  GramLayout(int n_background_, int n_shape_, bool with_tail, bool with_neighbour)
+      : n_background(n_background_), n_x(1 + n_background + (with_neighbour ? 1 : 0)),
         neighbour(with_neighbour ? 1 + n_background : -1), delta(n_x), shape(n_x + 2),
         tail(n_x + 2 + n_shape_), neighbour_delta(tail + (with_tail ? 2 : 0)),
         counts(neighbour_delta + (with_neighbour ? 2 : 0)), size(counts + 1),
@@ -285,9 +286,6 @@ void centre_statistics(const ImageWork& w, ReflectionFit& rf, const ImageParamet
   st.centre_score[1] = T(1);
 }
 
-// The number of background parameters in a layout (the design less P and P_n).
-int background_count(const GramLayout& L) { return L.n_x - 1 - (L.neighbour >= 0 ? 1 : 0); }
-
 // The neighbour's amplitude J_n and its variance, and its centre's score and information per
 // unit J_n^2 with the design (P, background, P_n) profiled: F = D'WD - D'WX N^-1 X'WD,
 // T = D'W (I - X beta), D = dP_n/d c_n.
@@ -305,7 +303,7 @@ void neighbour_statistics(const Matrix& gram, const GramLayout& L, const Vector&
   st.neighbour_score[0] = T(0);
   st.neighbour_score[1] = T(1);
   // J's variance with the neighbour's centre fitted too: the design (X, J_n D).
-  const double Jn = beta(L.neighbour);
+  const double Jn = st.neighbour_J;
   Matrix N_full(nx + 2, nx + 2);
   N_full.topLeftCorner(nx, nx) = gram.topLeftCorner(nx, nx);
   N_full.block(nx, 0, 2, nx) = Jn * DX;
@@ -330,7 +328,7 @@ void solve_local_fit(const Matrix& gram, const GramLayout& L, ReflectionStatisti
   N_inverse_out = N_inverse;
   st.J = beta(0);
   st.J_variance = N_inverse(0, 0);
-  for (int k = 1; k <= background_count(L); ++k) st.background[k - 1] = beta(k);
+  for (int k = 1; k <= L.n_background; ++k) st.background[k - 1] = beta(k);
   st.chi2 = std::max(gram(I, I) - beta.dot(rhs), 0.0);
   if (L.neighbour >= 0) neighbour_statistics(gram, L, beta, N_inverse, st);
   // Derivative rows D = (centre, shape, tail), projected off the (P, background) design.
@@ -588,7 +586,8 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
     const int64_t i = rf.pixel_begin + j;
     const double P = rows.z[size_t(j) * L.size];
     const double bg = background_at(w, rf, beta, i);
-    const double neighbour = L.neighbour >= 0 ? st.neighbour_J * rows.z[size_t(j) * L.size + L.neighbour] : 0.0;
+    const double neighbour =
+        L.neighbour >= 0 ? st.neighbour_J * rows.z[size_t(j) * L.size + L.neighbour] : 0.0;
     const double mu = bg + st.J * P + neighbour;
     w.weight[i] = rows.weight[j];
     w.neighbour_counts[i] = neighbour;
@@ -625,11 +624,16 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
   st.m2_obs = m2_den != 0.0 ? m2_num / m2_den : kNaN;
 }
 
+void clear_neighbour_counts(ImageWork& w, const ReflectionFit& rf) {
+  std::fill(w.neighbour_counts.begin() + rf.pixel_begin, w.neighbour_counts.begin() + rf.pixel_end,
+            0.0);
+}
+
 void drop_neighbour(ImageWork& w, ReflectionFit& rf) {
   rf.neighbour = false;
   rf.neighbour_amplitude = 0.0;
   rf.stats.neighbour_J = rf.stats.neighbour_J_variance = kNaN;
-  std::fill(w.neighbour_counts.begin() + rf.pixel_begin, w.neighbour_counts.begin() + rf.pixel_end, 0.0);
+  clear_neighbour_counts(w, rf);
 }
 
 // The pass for one reflection at the held parameters.
@@ -660,7 +664,7 @@ void fit_reflection(ImageWork& w, ReflectionFit& rf, const ImageParameters& para
     st.J = st.J_variance = kNaN;
     st.shape_ok = false;
     std::fill(w.used.begin() + rf.pixel_begin, w.used.begin() + rf.pixel_end, 1);
-    std::fill(w.neighbour_counts.begin() + rf.pixel_begin, w.neighbour_counts.begin() + rf.pixel_end, 0.0);
+    clear_neighbour_counts(w, rf);
     return;
   }
   rf.flags &= ~kProfileOutsideBox;
@@ -764,18 +768,18 @@ void update_neighbour(ImageWork& w, ReflectionFit& rf) {
   rf.neighbour_amplitude = st.neighbour_J;
   const Eigen::Matrix2d F = sym(st.neighbour_information);
   if (!(F.determinant() > 0.0 && F(0, 0) > 0.0)) return;
-  Eigen::Vector2d step = F.ldlt().solve(Eigen::Vector2d(st.neighbour_score[0], st.neighbour_score[1])) /
-                         st.neighbour_J;
+  const Eigen::Vector2d score(st.neighbour_score[0], st.neighbour_score[1]);
+  Eigen::Vector2d step = F.ldlt().solve(score) / st.neighbour_J;
   const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
                                rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
-  const double step_px = (jac.inverse() * step).norm();
+  const Eigen::Matrix2d jac_inverse = jac.inverse();
+  const double step_px = (jac_inverse * step).norm();
   if (!std::isfinite(step_px)) return;
   if (step_px > 1.0) step /= step_px;
   rf.neighbour_centre[0] += step(0);
   rf.neighbour_centre[1] += step(1);
   // The spot is the one nearer its prediction: a centre captured by a brighter neighbour is
   // handed back.
-  const Eigen::Matrix2d jac_inverse = jac.inverse();
   const double spot_px = (jac_inverse * Eigen::Vector2d(rf.delta[0], rf.delta[1])).norm();
   const double neighbour_px =
       (jac_inverse * Eigen::Vector2d(rf.neighbour_centre[0], rf.neighbour_centre[1])).norm();

@@ -39,6 +39,9 @@ enum ReflectionFlag : int32_t {
   kPoorFitReflection = 2048, // the reflection's pixel chi^2 per degree of freedom above chi2_max
   kNeighbourModelled = 4096, // a neighbour's spot in the box, fitted as a second profile
 };
+// Boxes holding light that is not the spot's (left out, or a modelled neighbour's): they
+// inform neither the shape (Term 2) nor the counting scale k.
+constexpr int32_t kForeignLight = kPixelOutliers | kNeighbourModelled;
 
 // Image status codes (/images/status).
 enum ImageStatus : int32_t {

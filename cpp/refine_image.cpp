@@ -506,16 +506,14 @@ void ImageRefinement::regeometrize(const ImageParameters& at) {
   std::vector<std::array<double, 2>> centres(work_.reflections.size());
   for (size_t r = 0; r < work_.reflections.size(); ++r) {
     const ReflectionFit& rf = work_.reflections[r];
-    const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
-                                 rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+    const Eigen::Matrix2d jac = rf.jacobian();
     const Eigen::Vector2d px = jac.inverse() * Eigen::Vector2d(rf.delta[0], rf.delta[1]);
     centres[r] = {rf.pred.x + px(0), rf.pred.y + px(1)};
   }
   update_geometry(work_, at);
   for (size_t r = 0; r < work_.reflections.size(); ++r) {
     ReflectionFit& rf = work_.reflections[r];
-    const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
-                                 rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+    const Eigen::Matrix2d jac = rf.jacobian();
     const Eigen::Vector2d delta = jac * Eigen::Vector2d(centres[r][0] - rf.pred.x, centres[r][1] - rf.pred.y);
     if (delta.allFinite()) {
       rf.delta[0] = delta(0);

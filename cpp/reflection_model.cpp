@@ -393,8 +393,7 @@ struct SpotRegion {
   }
 };
 SpotRegion spot_region(const ReflectionFit& rf, const Sym2<double>& M) {
-  const Eigen::Matrix2d D = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
-                             rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+  const Eigen::Matrix2d D = rf.jacobian();
   const Eigen::Matrix2d D_inverse = D.inverse();
   const Sym2<double> sigma = M.inverse();
   const Eigen::Matrix2d cov = 0.5 * D_inverse * sym(&sigma.m11) * D_inverse.transpose();
@@ -707,8 +706,7 @@ double update_centre(ReflectionFit& rf, double position_sigma_px, double error_s
   const ReflectionStatistics& st = rf.stats;
   rf.centre_px[0] = rf.centre_px[1] = kNaN;
   rf.centre_cov[0] = rf.centre_cov[1] = rf.centre_cov[2] = kNaN;
-  const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
-                               rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+  const Eigen::Matrix2d jac = rf.jacobian();
   const Eigen::Matrix2d prior_cov = position_sigma_px * position_sigma_px * jac * jac.transpose();
   const Eigen::Matrix2d omega = prior_cov.inverse();
   const Eigen::Vector2d delta(rf.delta[0], rf.delta[1]);
@@ -770,8 +768,7 @@ void update_neighbour(ImageWork& w, ReflectionFit& rf) {
   if (!(F.determinant() > 0.0 && F(0, 0) > 0.0)) return;
   const Eigen::Vector2d score(st.neighbour_score[0], st.neighbour_score[1]);
   Eigen::Vector2d step = F.ldlt().solve(score) / st.neighbour_J;
-  const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
-                               rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+  const Eigen::Matrix2d jac = rf.jacobian();
   const Eigen::Matrix2d jac_inverse = jac.inverse();
   const double step_px = (jac_inverse * step).norm();
   if (!std::isfinite(step_px)) return;
@@ -866,8 +863,7 @@ bool locate_spot(const ImageWork& w, ReflectionFit& rf) {
     }
   }
   if (!best.allFinite() || best_distance > reach) return false;
-  const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
-                               rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+  const Eigen::Matrix2d jac = rf.jacobian();
   const Eigen::Vector2d delta = jac * best;
   rf.delta[0] = delta(0);
   rf.delta[1] = delta(1);
@@ -1002,8 +998,7 @@ double narrow_sd_px(const ImageWork& work, const double phi[kMaxShape]) {
   for (const ReflectionFit& rf : work.reflections) {
     if (rf.pixel_end == rf.pixel_begin || (rf.flags & kBadPrediction)) continue;
     // Per-axis covariance in pixels: D^-1 (Sigma/2) D^-T; its smaller eigenvalue.
-    const Eigen::Matrix2d D = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
-                               rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+    const Eigen::Matrix2d D = rf.jacobian();
     const Eigen::Matrix2d inverse = D.inverse();
     const Eigen::Matrix2d cov = 0.5 * inverse * sym(&sigma.m11) * inverse.transpose();
     const double smallest = Eigen::SelfAdjointEigenSolver<Eigen::Matrix2d>(cov).eigenvalues()(0);
@@ -1021,8 +1016,7 @@ void initialise_reflections(ImageWork& work, const RefineOptions& options) {
     rf.neighbour_tries = 0;
     rf.neighbour_amplitude = 0.0;
     if (rf.pixel_end == rf.pixel_begin || !std::isfinite(rf.a_mean)) continue;
-    const Eigen::Matrix2d jac = (Eigen::Matrix2d() << rf.pixel_jacobian[0], rf.pixel_jacobian[1],
-                                 rf.pixel_jacobian[2], rf.pixel_jacobian[3]).finished();
+    const Eigen::Matrix2d jac = rf.jacobian();
     store_sym(work.position_sigma_px * work.position_sigma_px * jac * jac.transpose(), rf.S);
     // Background: median of the valid pixels on the box's border.
     border.clear();

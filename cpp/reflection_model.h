@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include <Eigen/Core>
+
 #include "physics.h"
 #include "profile.h"
 #include "shoebox_view.h"
@@ -205,6 +207,11 @@ struct ReflectionFit {
   bool use_intensity = false;     // Term 1 active
   bool use_shape = false;         // Term 2 active
   bool use_position = false;      // Term 3 active
+  // D as a matrix.
+  Eigen::Matrix2d jacobian() const {
+    return (Eigen::Matrix2d() << pixel_jacobian[0], pixel_jacobian[1], pixel_jacobian[2],
+            pixel_jacobian[3]).finished();
+  }
   bool integrated() const {
     return pixel_end > pixel_begin && !(flags & (kBadPrediction | kTooFewPixels | kProfileOutsideBox));
   }

@@ -707,6 +707,7 @@ double update_centre(ReflectionFit& rf, double position_sigma_px, double error_s
   rf.centre_px[0] = rf.centre_px[1] = kNaN;
   rf.centre_cov[0] = rf.centre_cov[1] = rf.centre_cov[2] = kNaN;
   const Eigen::Matrix2d jac = rf.jacobian();
+  const Eigen::Matrix2d jac_inverse = jac.inverse();
   const Eigen::Matrix2d prior_cov = position_sigma_px * position_sigma_px * jac * jac.transpose();
   const Eigen::Matrix2d omega = prior_cov.inverse();
   const Eigen::Vector2d delta(rf.delta[0], rf.delta[1]);
@@ -719,7 +720,6 @@ double update_centre(ReflectionFit& rf, double position_sigma_px, double error_s
     Eigen::LDLT<Eigen::Matrix2d> ml(information);
     if (ml.info() == Eigen::Success && information.determinant() > 0.0) {
       const Eigen::Vector2d ml_delta = delta + ml.solve(score);
-      const Eigen::Matrix2d jac_inverse = jac.inverse();
       const Eigen::Vector2d px = jac_inverse * ml_delta;
       const Eigen::Matrix2d cov = jac_inverse * information.inverse() * jac_inverse.transpose();
       rf.centre_px[0] = rf.pred.x + px(0);
@@ -732,13 +732,12 @@ double update_centre(ReflectionFit& rf, double position_sigma_px, double error_s
     return 0.0;
   }
   const Eigen::Matrix2d posterior = (information + omega).inverse();
-  const Eigen::Matrix2d jac_inverse = jac.inverse();
   const Eigen::Matrix2d posterior_px = jac_inverse * posterior * jac_inverse.transpose();
   rf.centre_sd_px = std::sqrt(std::max(
       Eigen::SelfAdjointEigenSolver<Eigen::Matrix2d>(posterior_px).eigenvalues()(1), 0.0));
   Eigen::Vector2d step = posterior * (score - omega * delta);
   // At most two pixels per pass (a Newton step far from the optimum of a peaked likelihood).
-  const double step_px = (jac.inverse() * step).norm();
+  const double step_px = (jac_inverse * step).norm();
   if (step_px > 2.0) step *= 2.0 / step_px;
   const Eigen::Vector2d updated = delta + step;
   rf.delta[0] = updated(0);

@@ -193,8 +193,8 @@ const ResultField kResultFields[] = {
     D_FIELD(chi2_position, true, 0), D_FIELD(position_sigma, true, 0), D_FIELD(spot_sd, true, 0),
     D_FIELD(covariance, true, -1), D_FIELD(R0_gradient, true, 0), D_FIELD(R0_curvature, true, 0),
     D_FIELD(tail_gradient, true, 2), D_FIELD(tail_curvature, true, 3),
-    D_FIELD(background_chi2, true, 0), D_FIELD(background_dof, true, 0),
-    D_FIELD(background_read, true, 0),
+    D_FIELD(background_residual_sq, true, 0), D_FIELD(background_dof, true, 0),
+    D_FIELD(background_poisson, true, 0), D_FIELD(background_read, true, 0),
     D_FIELD(intensity_prf, false, 0), D_FIELD(intensity_prf_sigma, false, 0),
     D_FIELD(intensity_scaled, false, 0), D_FIELD(intensity_scaled_sigma, false, 0),
     D_FIELD(intensity_model, false, 0), D_FIELD(intensity_count_sigma, false, 0),
@@ -422,6 +422,11 @@ PYBIND11_MODULE(_core, m) {
       "Expected counts mu_p and model variance v_p of every shoebox pixel at a refinement's "
       "results (NaN G: not scaled, the fitted J is the amplitude).");
 
+  m.def("pixel_deviate", py::vectorize(&pixel_deviate), py::arg("counts"), py::arg("expected"),
+        py::arg("variance"), py::arg("error_scale") = 1.0,
+        "Signed root of the Poisson deviance of counts against their model (Snyder's shift for "
+        "the read noise; METHODS.md section I.7).");
+
   m.def("trivial_solve_seconds", &trivial_solve_seconds, py::arg("repeats") = 1000,
         py::call_guard<py::gil_scoped_release>(),
         "Seconds per Ceres Solve of a one-parameter problem (the per-solve overhead).");
@@ -475,11 +480,12 @@ PYBIND11_MODULE(_core, m) {
         const ProfileCheck c = check_profile(eps1, eps2, phi.data(), S.data(), pixel.data(),
                                              delta.data(), cell.data(), tail);
         return py::make_tuple(c.value, std::vector<double>(c.by_hand, c.by_hand + 7),
-                              std::vector<double>(c.autodiff, c.autodiff + 7));
+                              std::vector<double>(c.autodiff, c.autodiff + 7),
+                              std::vector<double>(c.curvature, c.curvature + 3));
       },
       py::arg("eps1"), py::arg("eps2"), py::arg("phi"), py::arg("S"), py::arg("pixel"),
       py::arg("delta"), py::arg("cell"), py::arg("tail"),
       "The profile averaged over one cell (edges in eps, D's layout) and its derivatives in "
       "(R1, a, c, t, s, delta1, delta2): "
-      "(value, by hand, by autodiff).");
+      "(value, by hand, by autodiff, d2f/d delta2 (11, 12, 22) by the heat equation).");
 }

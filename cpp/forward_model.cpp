@@ -58,6 +58,7 @@ ProfileCheck check_profile(double eps1, double eps2, const double phi[kMaxShape]
   out.by_hand[4] = tail ? f.d_tail_scale : 0.0;
   out.by_hand[5] = f.d_delta[0];
   out.by_hand[6] = f.d_delta[1];
+  for (int k = 0; k < 3; ++k) out.curvature[k] = f.d_delta2[k];
   // Autodiff of the templated density in all seven.
   using Jet7 = ceres::Jet<double, 7>;
   Jet7 p7[kMaxShape];

@@ -43,6 +43,7 @@ struct ProfileCheck {
   double value = 0.0;
   double by_hand[7] = {};
   double autodiff[7] = {};
+  double curvature[3] = {};  // d^2 f / d delta^2 (11, 12, 22), as the pass computes it
 };
 ProfileCheck check_profile(double eps1, double eps2, const double phi[kMaxShape],
                            const double S[3], const double pixel[3], const double delta[2],

@@ -165,7 +165,22 @@ struct ProfileDerivatives {
   double d_m[3];      // d f / d (m11, m12, m22)
   double d_tail, d_tail_scale;
   double d_delta[2];  // d f / d delta = - d f / d u
+  double d_delta2[3]; // d^2 f / d delta^2 (11, 12, 22), for the centre-profiling adjustment
 };
+
+// d^2 f / d u^2 (11, 12, 22) of a Gaussian core f = sqrt(det M)/pi exp(K - u'Mu) from its
+// derivatives in M, by the heat equation: with Sigma = M^-1/2, d f/d Sigma = 1/2 d^2 f/du^2, so
+// H = -4 M G M, G the symmetric gradient in M ((g11, g12; g12, g22), g12 = d_m[1]/2). It holds
+// for the pixel average (averaging commutes with both sides) and to the cell correction's order
+// for K.
+inline void heat_equation_curvature(const double d_m[3], const Sym2<double>& M, double h[3]) {
+  const double g11 = d_m[0], g12 = 0.5 * d_m[1], g22 = d_m[2];
+  const double a11 = M.m11 * g11 + M.m12 * g12, a12 = M.m11 * g12 + M.m12 * g22;  // (M G) row 1
+  const double a21 = M.m12 * g11 + M.m22 * g12, a22 = M.m12 * g12 + M.m22 * g22;  // (M G) row 2
+  h[0] = -4.0 * (a11 * M.m11 + a12 * M.m12);
+  h[1] = -4.0 * (a11 * M.m12 + a12 * M.m22);
+  h[2] = -4.0 * (a21 * M.m12 + a22 * M.m22);
+}
 
 inline ProfileDerivatives profile_with_derivatives(double u1, double u2, const Sym2<double>& M,
                                                    double det, double root_det, double tail,
@@ -218,6 +233,18 @@ inline ProfileDerivatives profile_with_derivatives(double u1, double u2, const S
   const double dq_scale = 2.0 * (w_core + w_tail * tail_factor);
   out.d_delta[0] = dq_scale * Mu1 + w_core * kCell * dK_delta[0];
   out.d_delta[1] = dq_scale * Mu2 + w_core * kCell * dK_delta[1];
+  // d^2 f / d delta^2: the core's by the heat equation; the tail's, g(q) with
+  // g' = -b g, g'' = b^2 (beta + 1)/beta g (b = tail_factor), is g'' 4 Mu (Mu)' + g' 2 M.
+  double core_m[3];
+  for (int i = 0; i < 3; ++i) core_m[i] = w_core * (dlogdet[i] - dq[i] + kCell * dK_m[i]);
+  heat_equation_curvature(core_m, M, out.d_delta2);
+  if (with_tail) {
+    const double first = w_tail * tail_factor;
+    const double second = 4.0 * first * tail_factor * (kTailBeta + 1.0) / kTailBeta;
+    out.d_delta2[0] += second * Mu1 * Mu1 - 2.0 * first * M.m11;
+    out.d_delta2[1] += second * Mu1 * Mu2 - 2.0 * first * M.m12;
+    out.d_delta2[2] += second * Mu2 * Mu2 - 2.0 * first * M.m22;
+  }
   return out;
 }
 

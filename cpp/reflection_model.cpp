@@ -8,6 +8,17 @@
 #include <Eigen/Dense>
 
 namespace pixelrefine {
+
+double pixel_deviate(double counts, double expected, double variance, double error_scale) {
+  const double k2 = error_scale * error_scale;
+  const double lambda = variance / k2;
+  if (!(lambda > 0.0) || !std::isfinite(lambda)) return kNaN;
+  const double r = (counts - expected) / variance;  // (m - lambda) / lambda
+  if (!(r > -1.0)) return -std::sqrt(2.0 * lambda);  // m <= 0: the deviance of a zero count
+  const double deviance = 2.0 * lambda * ((1.0 + r) * std::log1p(r) - r);
+  return std::copysign(std::sqrt(std::max(deviance, 0.0)), r);
+}
+
 namespace {
 
 // Every matrix of a local fit is at most 15 x 15 (the Gram layout): bounded, so no heap allocation.
@@ -100,6 +111,7 @@ ProfileDerivatives pixel_derivatives(double u1, double u2, const double D[4], in
       sum.d_tail_scale += f.d_tail_scale;
       sum.d_delta[0] += f.d_delta[0];
       sum.d_delta[1] += f.d_delta[1];
+      for (int k = 0; k < 3; ++k) sum.d_delta2[k] += f.d_delta2[k];
     }
   }
   const double inverse = 1.0 / (n * n);
@@ -109,6 +121,7 @@ ProfileDerivatives pixel_derivatives(double u1, double u2, const double D[4], in
   sum.d_tail_scale *= inverse;
   sum.d_delta[0] *= inverse;
   sum.d_delta[1] *= inverse;
+  for (int k = 0; k < 3; ++k) sum.d_delta2[k] *= inverse;
   return sum;
 }
 
@@ -130,7 +143,29 @@ struct GramLayout {
 struct PixelRows {
   std::vector<double> z;  // [n_pixels, layout.size]
   std::vector<double> weight, background;
+  std::vector<double> curvature;  // [n_pixels, 3]: a d^2 P/d delta^2 (11, 12, 22)
 };
+
+// sum_p w_p z_p H_p for the design's rows (P, background, neighbour), the shape's and the
+// tail's rows (others 0): the cross terms of the centre-profiling adjustment. Zero when
+// centres are held.
+void centre_curvature_cross(const ReflectionFit& rf, const GramLayout& L, const PixelRows& rows,
+                            Matrix& cross) {
+  cross.setZero(L.size, 3);
+  if (rf.centre_posterior[0] == 0.0 && rf.centre_posterior[2] == 0.0) return;
+  const int64_t n = rf.pixel_end - rf.pixel_begin;
+  for (int64_t j = 0; j < n; ++j) {
+    const double w = rows.weight[j];
+    if (w == 0.0) continue;
+    const double* z = &rows.z[size_t(j) * L.size];
+    const double* h = &rows.curvature[size_t(j) * 3];
+    for (int ab = 0; ab < 3; ++ab) {
+      const double wh = w * h[ab];
+      for (int r = 0; r < L.n_x; ++r) cross(r, ab) += wh * z[r];
+      for (int k = 0; k < L.n_shape + L.n_tail; ++k) cross(L.shape + k, ab) += wh * z[L.shape + k];
+    }
+  }
+}
 
 // The weighted Gram matrix sum_p w_p z_p z_p' of the rows (w = 0: a pixel left out), with the
 // row length Z known at compile time (unrolled; Z = 5..15 covers every layout).
@@ -177,6 +212,7 @@ void accumulate_gram(const ImageWork& w, const ReflectionFit& rf, const GramLayo
   rows.z.assign(size_t(n) * L.size, 0.0);
   rows.weight.assign(n, 0.0);
   rows.background.assign(n, 0.0);
+  rows.curvature.assign(size_t(n) * 3, 0.0);
   gram.setZero(L.size, L.size);
   p_sum = 0.0;
   const Sym2<double>& M = pd.M;
@@ -201,6 +237,7 @@ void accumulate_gram(const ImageWork& w, const ReflectionFit& rf, const GramLayo
     }
     z[L.delta] = a * f.d_delta[0];
     z[L.delta + 1] = a * f.d_delta[1];
+    for (int ab = 0; ab < 3; ++ab) rows.curvature[size_t(j) * 3 + ab] = a * f.d_delta2[ab];
     for (int k = 0; k < L.n_shape; ++k)
       z[L.shape + k] = a * (f.d_m[0] * pd.dM[0][k] + f.d_m[1] * pd.dM[1][k] + f.d_m[2] * pd.dM[2][k]);
     if (L.n_tail) {
@@ -315,9 +352,33 @@ void neighbour_statistics(const Matrix& gram, const GramLayout& L, const Vector&
   if (ldlt.info() == Eigen::Success && v >= st.J_variance && std::isfinite(v)) st.J_variance = v;
 }
 
+// The shape score's expectation with the centre fitted to the spot's own counts (the
+// Neyman-Scott bias: the spot looks narrower about a centre fitted to it), to first order in
+// the centre's error of covariance C: E[(J/k^2) T_k] = -1/2 tr(C K_k) for every profile
+// parameter (shape and tail), K_k = sum_p W_p (d mu_p/d phi_k)(d^2 mu_p/d delta^2) with
+// d mu/d phi projected off the (P, background) design (METHODS.md §I.8). In the pass's units
+// (mu = J P, W = w/k^2): T_k += (J/2) tr(C K~_k), K~_k = sum_p w_p z_p,k H_p; k^2 cancels.
+void adjust_for_centre_profiling(const Matrix& gram, const GramLayout& L,
+                                 const Matrix& curvature_cross, const Matrix& N_inverse,
+                                 const double C[3], double J, Vector& T_s) {
+  if (C[0] == 0.0 && C[2] == 0.0) return;
+  const int nx = L.n_x;
+  const Matrix projected_x = N_inverse * curvature_cross.topRows(nx);  // N^-1 sum w x H
+  for (int k = 0; k < L.n_shape + L.n_tail; ++k) {  // the tail's (t, s) follow the shape's rows
+    const int r = L.shape + k;
+    double trace = 0.0;
+    for (int ab = 0; ab < 3; ++ab) {
+      const double K = curvature_cross(r, ab) - (gram.block(r, 0, 1, nx) * projected_x.col(ab))(0);
+      trace += (ab == 1 ? 2.0 : 1.0) * C[ab] * K;
+    }
+    if (std::isfinite(trace)) T_s(k) += 0.5 * J * trace;
+  }
+}
+
 // The reflection's local fit from its Gram matrix: J and the background by weighted least
 // squares, chi^2, the profiled scores and Fisher matrices of the centre and the shape.
-void solve_local_fit(const Matrix& gram, const GramLayout& L, ReflectionStatistics& st,
+void solve_local_fit(const Matrix& gram, const GramLayout& L, const Matrix& curvature_cross,
+                     const double centre_posterior[3], ReflectionStatistics& st,
                      Matrix& N_inverse_out) {
   const int nx = L.n_x, I = L.counts;
   const Matrix N = gram.topLeftCorner(nx, nx);
@@ -350,7 +411,9 @@ void solve_local_fit(const Matrix& gram, const GramLayout& L, ReflectionStatisti
   const int ns = L.n_shape + L.n_tail;
   const Matrix F_sc = F.block(2, 0, ns, 2);
   const Matrix F_s = F.block(2, 2, ns, ns) - F_sc * centre.solve(F_sc.transpose());
-  const Vector T_s = T.segment(2, ns) - F_sc * centre.solve(T.head(2));
+  Vector T_s = T.segment(2, ns) - F_sc * centre.solve(T.head(2));
+  if (st.J > 0.0)
+    adjust_for_centre_profiling(gram, L, curvature_cross, N_inverse, centre_posterior, st.J, T_s);
   st.shape_ok = false;
   if (L.n_tail) {
     st.tail_information[0] = F_s(L.n_shape, L.n_shape);
@@ -483,13 +546,15 @@ void start_neighbour(ReflectionFit& rf, const GroupExcess& g) {
 }
 
 // Pixels far above the model that the model cannot be: outside the spot's region any pixel
-// more than `threshold` sd above (a neighbour's spot, a zinger), with the group of pixels above
-// 2.5 sd it belongs to (the neighbour's wings); inside the region an isolated spike (more than `threshold` sd
-// and more than threshold/2 above every 4-neighbour: a zinger; a spot the model misplaces or
-// mis-sizes is never isolated). A pixel stays out while it is more than threshold/2 sd above
-// (hysteresis, so that the decisions settle). Returns whether any pixel is out.
+// whose deviate d (Poisson's tails, `pixel_deviate`) is more than `threshold` (a neighbour's
+// spot, a zinger), with the group of pixels above z = 2.5 it belongs to (the neighbour's wings);
+// inside the region an isolated spike (d above `threshold` and more than threshold/2 above every
+// 4-neighbour's: a zinger; a spot the model misplaces or mis-sizes is never isolated). A pixel
+// stays out while d is above threshold/2 (hysteresis, so that the decisions settle). Returns
+// whether any pixel is out.
 bool mark_outlier_pixels(ImageWork& w, ReflectionFit& rf, const std::vector<double>& z,
-                         const SpotRegion& region, double threshold, bool model_neighbours) {
+                         const std::vector<double>& d, const SpotRegion& region, double threshold,
+                         bool model_neighbours) {
   thread_local BoxGrid grid;
   grid.build(w, rf);
   const int64_t n = rf.pixel_end - rf.pixel_begin;
@@ -500,13 +565,9 @@ bool mark_outlier_pixels(ImageWork& w, ReflectionFit& rf, const std::vector<doub
     const int64_t i = rf.pixel_begin + j;
     const bool inside = region.contains(w.x[i], w.y[i]);
     const bool was_out = !w.used[i];
-    bool outlier;
-    if (!inside)
-      outlier = z[j] > threshold || (was_out && z[j] > 0.5 * threshold);
-    else
-      outlier = (z[j] > threshold || (was_out && z[j] > 0.5 * threshold)) &&
-                z[j] > 0.5 * threshold + grid.neighbour_max(w, rf, z, i);
-    out[j] = outlier;
+    const bool far_above = d[j] > threshold || (was_out && d[j] > 0.5 * threshold);
+    out[j] = inside ? far_above && d[j] > 0.5 * threshold + grid.neighbour_max(w, rf, d, i)
+                    : far_above;
   }
   // A foreign spot too faint for any one pixel: a 4-connected group of pixels more than 2.5
   // sd above, outside the spot's region, whose summed chi^2 exceeds threshold^2, or that
@@ -559,15 +620,25 @@ bool mark_outlier_pixels(ImageWork& w, ReflectionFit& rf, const std::vector<doub
   return any;
 }
 
+// A pixel of the counting scale's sums: the spot's and a neighbour's light in the weights (the
+// pass's held amplitudes, not this pass's fit, which the pixel's own count moves) below a tenth
+// of the held background.
+bool is_background_dominated(const ReflectionFit& rf, const PixelRows& rows, const GramLayout& L,
+                             int64_t j, double variance_floor) {
+  const double* z = &rows.z[size_t(j) * L.size];
+  const double neighbour =
+      L.neighbour >= 0 ? std::max(rf.neighbour_amplitude * z[L.neighbour], 0.0) : 0.0;
+  const double spots = std::max(rf.amplitude_expected, 0.0) * z[0] + neighbour;
+  return spots < 0.1 * std::max(rows.background[j], variance_floor);
+}
+
 void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const PixelRows& rows,
                   const RefineOptions& options, double error_scale, const SpotRegion& region,
                   const Matrix& N_inverse) {
   const int64_t n = rf.pixel_end - rf.pixel_begin;
   ReflectionStatistics& st = rf.stats;
   double beta[3] = {st.background[0], st.background[1], st.background[2]};
-  st.chi2_background = 0.0;
-  st.dof_background = 0.0;
-  st.read_background = 0.0;
+  st.residual_sq_background = st.dof_background = st.poisson_background = st.read_background = 0.0;
   double m2_num = 0.0, m2_den = 0.0;
   // d var J / d J_m (st.J_variance_slope). With J held at J_m the background is
   // beta~ = beta^ + c (J_m - J^), c = (N^-1)_{beta,J} / (N^-1)_{JJ}, uncorrelated with J^; the
@@ -579,8 +650,9 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
   const Vector u = N_inverse.col(0);
   const Vector c = slope_defined ? Vector(u.tail(nx - 1) / u(0)) : Vector::Zero(nx - 1);
   double slope = 0.0;
-  thread_local std::vector<double> z;
+  thread_local std::vector<double> z, d;
   z.assign(n, 0.0);
+  d.assign(n, 0.0);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t i = rf.pixel_begin + j;
     const double P = rows.z[size_t(j) * L.size];
@@ -605,19 +677,23 @@ void model_pixels(ImageWork& w, ReflectionFit& rf, const GramLayout& L, const Pi
     w.expected[i] = mu;
     w.variance[i] = v;
     z[j] = (w.counts[i] - mu) / (error_scale * std::sqrt(v));
-    if (rows.weight[j] > 0.0 && spots < 0.1 * std::max(bg, options.variance_floor)) {
+    d[j] = pixel_deviate(w.counts[i], mu, v, error_scale);
+    if (rows.weight[j] > 0.0 && std::abs(d[j]) <= kCountingClip &&
+        is_background_dominated(rf, rows, L, j, options.variance_floor)) {
       // Its degrees of freedom: 1 - leverage, h_p = w_p x_p' N^-1 x_p (J and the background).
       const Eigen::Map<const Vector> x(&rows.z[size_t(j) * L.size], L.n_x);
       const double leverage = rows.weight[j] * x.dot(N_inverse * x);
       const double dof = std::max(1.0 - leverage, 0.0);
-      st.chi2_background += (w.counts[i] - mu) * (w.counts[i] - mu) / v;
+      const double e = w.counts[i] - mu, v_held = 1.0 / rows.weight[j];
+      st.residual_sq_background += e * e;
       st.dof_background += dof;
-      st.read_background += dof * w.read_noise_sq[i] / v;
+      st.poisson_background += dof * (v_held - w.read_noise_sq[i]);
+      st.read_background += dof * w.read_noise_sq[i];
     }
   }
   st.J_variance_slope = std::isfinite(slope) ? slope : 0.0;
   const bool any = options.pixel_outlier_sigma > 0.0 &&
-                   mark_outlier_pixels(w, rf, z, region, options.pixel_outlier_sigma,
+                   mark_outlier_pixels(w, rf, z, d, region, options.pixel_outlier_sigma,
                                        options.model_neighbours);
   if (any) rf.flags |= kPixelOutliers; else rf.flags &= ~kPixelOutliers;
   st.m2_obs = m2_den != 0.0 ? m2_num / m2_den : kNaN;
@@ -668,7 +744,9 @@ void fit_reflection(ImageWork& w, ReflectionFit& rf, const ImageParameters& para
   }
   rf.flags &= ~kProfileOutsideBox;
   thread_local Matrix N_inverse;
-  solve_local_fit(gram, L, st, N_inverse);
+  thread_local Matrix curvature_cross;
+  centre_curvature_cross(rf, L, rows, curvature_cross);
+  solve_local_fit(gram, L, curvature_cross, rf.centre_posterior, st, N_inverse);
   if (!std::isfinite(st.J) || !(st.J_variance > 0.0)) {
     rf.flags |= kProfileOutsideBox;
     st.J = st.J_variance = kNaN;
@@ -696,7 +774,7 @@ double positional_scatter(const ImageWork& w, double fallback) {
   if (excess.size() < 5) return fallback;
   std::nth_element(excess.begin(), excess.begin() + excess.size() / 2, excess.end());
   const double median = excess[excess.size() / 2];
-  return std::max(std::sqrt(std::max(median / (2.0 * std::log(2.0)), 0.0)), 0.02);
+  return std::max(std::sqrt(std::max(median / (2.0 * std::log(2.0)), 0.0)), 0.005);
 }
 
 // After a pass: the centre's ML estimate (Term 3) and its MAP update with the positional prior
@@ -727,11 +805,13 @@ double update_centre(ReflectionFit& rf, double position_sigma_px, double error_s
       store_sym(cov, rf.centre_cov);
     }
   }
+  std::fill(rf.centre_posterior, rf.centre_posterior + 3, 0.0);
   if (!move) {  // centres held at the prediction: the ML estimate only (Term 3)
     rf.centre_sd_px = 0.0;
     return 0.0;
   }
   const Eigen::Matrix2d posterior = (information + omega).inverse();
+  if (posterior.allFinite()) store_sym(posterior, rf.centre_posterior);
   const Eigen::Matrix2d posterior_px = jac_inverse * posterior * jac_inverse.transpose();
   rf.centre_sd_px = std::sqrt(std::max(
       Eigen::SelfAdjointEigenSolver<Eigen::Matrix2d>(posterior_px).eigenvalues()(1), 0.0));

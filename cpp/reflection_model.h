@@ -120,9 +120,13 @@ struct ReflectionStatistics {
   double chi2 = 0.0;                   // sum w e^2 over the pixels used (k = 1)
   int n_used = 0;                      // pixels used
   int n_parameters = 0;                // local parameters fitted (J, background, centre)
-  double chi2_background = 0.0;        // sum w e^2 over background-dominated pixels
-  double dof_background = 0.0;         // their degrees of freedom, sum (1 - leverage)
-  double read_background = 0.0;        // the read noise's share of them, sum (1 - h) s_read^2/v
+  // The counting scale's sums over the background-dominated pixels (METHODS.md §I.10): e^2,
+  // their degrees of freedom sum (1 - h), and sum (1 - h) v split into the Poisson and the read
+  // noise's parts (v the variance the pass weighs with).
+  double residual_sq_background = 0.0;  // sum e^2 (counts^2, not divided by v)
+  double dof_background = 0.0;          // sum (1 - leverage)
+  double poisson_background = 0.0;      // sum (1 - h) (v - rho s_read^2)
+  double read_background = 0.0;         // sum (1 - h) rho s_read^2
   // Shape: whitened scores z = L^-1 T and U = L' (L L' = F, the Fisher matrix of the image's
   // refined shape parameters with J, the background and the centre profiled out), n_shape
   // entries; and dJ/dphi (for the propagation of the shape's uncertainty into G).
@@ -159,6 +163,17 @@ struct GeometryLinearisation {
 };
 
 constexpr int kNeighbourTries = 2;
+// The counting scale k (METHODS.md §I.10) from pixels whose deviate is within this many sd
+// (a pixel beyond is not counting noise), in boxes holding at least this much of their spot.
+constexpr double kCountingClip = 4.0;
+constexpr double kCountingProfileFraction = 0.8;
+
+// The signed root of the Poisson deviance of a count I_p against its model mu_p with variance
+// v_p (Poisson and read noise) at error scale k: Snyder's shifted count m = (I - mu)/k^2 + lambda
+// against lambda = v/k^2, d = sign(m - lambda) sqrt(2 (m ln(m/lambda) - (m - lambda))). A normal
+// deviate at high counts ((I - mu)/(k sqrt v)); at low counts its tails are Poisson's, not the
+// normal's (2 counts where 0.1 is expected: d = 2.9, not z = 6.0).
+double pixel_deviate(double counts, double expected, double variance, double error_scale);
 
 // Per-reflection state. Pixel-level arrays live in ImageWork, in [pixel_begin, pixel_end).
 struct ReflectionFit {
@@ -192,6 +207,9 @@ struct ReflectionFit {
   double centre_px[2] = {kNaN, kNaN};
   double centre_cov[3] = {kNaN, kNaN, kNaN};
   double centre_sd_px = kInf;  // sd of the held centre (largest axis of S, pixels)
+  // The held centre's posterior covariance C (11, 12, 22; A^-2; 0 when centres are held), for
+  // the shape score's adjustment for the centre's profiling (METHODS.md §I.8).
+  double centre_posterior[3] = {0, 0, 0};
   bool relocated = false;      // the centre was started again from the counts once
   // A neighbour's spot in the box (METHODS.md §I.7): fitted as a second profile of the same
   // shape, amplitude in the local fit, centre (A^-1, (e1, e2) about c_pred) by a Gauss-Newton

@@ -96,9 +96,10 @@ struct ResultsView {
   double* R0_curvature = nullptr;
   double* tail_gradient = nullptr;   // [N, 2] d cost / d (t, s), reduced over the image's shape
   double* tail_curvature = nullptr;  // [N, 3] (tt, ts, ss)
-  double* background_chi2 = nullptr; // sum of chi^2 of background-dominated pixels (k = 1)
-  double* background_dof = nullptr;  // their degrees of freedom
-  double* background_read = nullptr; // the read noise's share of the dof (the gain error model)
+  double* background_residual_sq = nullptr; // sum e^2 of background-dominated pixels
+  double* background_dof = nullptr;         // their degrees of freedom, sum (1 - h)
+  double* background_poisson = nullptr;     // sum (1 - h) of their variance's Poisson part
+  double* background_read = nullptr;        // sum (1 - h) of their variance's read-noise part
   // Per reflection.
   double* intensity_prf = nullptr;
   double* intensity_prf_sigma = nullptr;

@@ -113,3 +113,32 @@ def test_detector_shift_moves_spots_radially(geometry):
     # A longer distance magnifies positions about the beam centre; partiality is unchanged.
     np.testing.assert_array_equal(near["partiality"], far["partiality"])
     assert not np.allclose(near["xyzcal"][hits], far["xyzcal"][hits])
+
+
+def test_pixel_deviate_has_poisson_tails():
+    """`pixel_deviate` (METHODS.md §I.7) is the signed root of the Poisson deviance of the
+    Snyder-shifted count, written out here with scipy's xlogy; it is the normal deviate at high
+    counts; and the first count whose deviate passes 6 has the Poisson tail probability of a
+    6-sd normal one (0.2–1.3 times it: counts are discrete) from 0.03 to 10^4 photons per pixel, where the normal
+    z > 6 fires at 2 counts on 0.1 (P = 0.005)."""
+    from scipy import special, stats
+    rng = np.random.default_rng(5)
+    mu = rng.uniform(0.02, 50, 200)
+    read = rng.uniform(0, 4, 200)
+    k = rng.uniform(0.7, 1.5, 200)
+    counts = rng.poisson(mu) + rng.normal(0, np.sqrt(read))
+    v = mu + read
+    lam = v / k**2
+    m = np.maximum((counts - mu) / k**2 + lam, 0.0)
+    deviance = 2 * (special.xlogy(m, m / lam) - (m - lam))
+    expected = np.sign(m - lam) * np.sqrt(np.maximum(deviance, 0))
+    np.testing.assert_allclose(_core.pixel_deviate(counts, mu, v, k), expected, rtol=1e-9, atol=1e-12)
+    z = np.linspace(-3, 3, 13)
+    big = 1e8
+    np.testing.assert_allclose(_core.pixel_deviate(big + z * np.sqrt(big), big, big), z, atol=1e-3)
+    for lam in (0.03, 0.1, 1.0, 10.0, 100.0, 1e4):
+        n = np.arange(0, int(lam + 20 * np.sqrt(lam) + 40), dtype=float)
+        first = n[_core.pixel_deviate(n, lam, lam) > 6][0]
+        ratio = stats.poisson.sf(first - 1, lam) / stats.norm.sf(6)
+        assert 0.15 < ratio < 2, (lam, first, ratio)
+    assert (2.0 - 0.1) / np.sqrt(0.1) > 6 > _core.pixel_deviate(2.0, 0.1, 0.1)

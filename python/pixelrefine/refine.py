@@ -72,8 +72,8 @@ IMAGE_FIELDS = {
     "chi2_shape": ("f8", 0), "chi2_position": ("f8", 0), "position_sigma": ("f8", 0),
     "spot_sd": ("f8", 0), "covariance": ("f8", -1),
     "R0_gradient": ("f8", 0), "R0_curvature": ("f8", 0), "tail_gradient": ("f8", 2),
-    "tail_curvature": ("f8", 3), "background_chi2": ("f8", 0), "background_dof": ("f8", 0),
-    "background_read": ("f8", 0),
+    "tail_curvature": ("f8", 3), "background_residual_sq": ("f8", 0),
+    "background_dof": ("f8", 0), "background_poisson": ("f8", 0), "background_read": ("f8", 0),
 }
 REFLECTION_FIELDS = {
     "intensity_prf": ("f8", 0), "intensity_prf_sigma": ("f8", 0),
@@ -86,7 +86,8 @@ REFLECTION_FIELDS = {
 }
 #: The images' contributions to the global step: internal, not written to results files.
 GLOBAL_CONTRIBUTIONS = ("R0_gradient", "R0_curvature", "tail_gradient", "tail_curvature",
-                        "background_chi2", "background_dof", "background_read")
+                        "background_residual_sq", "background_dof", "background_poisson",
+                        "background_read")
 
 
 @dataclass
@@ -626,20 +627,21 @@ class _GlobalLoop:
         return np.stack([np.bincount(index, values[:, j], n) for j in range(values.shape[1])], 1)
 
     def error_scale(self, results: Results) -> np.ndarray:
-        """k per crystal from the pooled χ² of the background-dominated pixels at the held
-        weights (METHODS.md §I.10). "scale": k² = χ²/dof. "gain": k² = g, the root of
-        g·(dof − R) + g²·R/k_held² = χ², the expected χ² of counts that are g × photons
-        (variance g·μ + g²σ_read²) where R is the read noise's share of the dof at the held
-        read scale k_held²; without read noise (R = 0) the two are the same."""
-        chi2 = self.crystal_sum(results.images["background_chi2"])
+        """k per crystal from the background-dominated pixels at the held weights (METHODS.md
+        §I.10), a ratio of sums: E = Σe², their variance's Poisson part A = Σ(1 − h)(v − ρσ²)
+        and read-noise part R = Σ(1 − h)ρσ² at the held read scale ρ = k_held². "scale":
+        k² = E/(A + R). "gain": k² = g, the root of g·A + g²·R/k_held² = E, the expected E of
+        counts that are g × photons (variance g·μ + g²σ_read²); without read noise (R = 0) the
+        two are the same."""
+        e2 = self.crystal_sum(results.images["background_residual_sq"])
         dof = self.crystal_sum(results.images["background_dof"])
-        g = chi2 / np.maximum(dof, 1e-300)
+        poisson = self.crystal_sum(results.images["background_poisson"])   # A
+        read_share = self.crystal_sum(results.images["background_read"])   # R
+        g = e2 / np.maximum(poisson + read_share, 1e-300)
         if self.error_model == "gain":
-            read_share = self.crystal_sum(results.images["background_read"])  # R
             read = read_share / self.crystals.error_scale ** 2                # R / k_held²
-            poisson = dof - read_share
-            root = poisson + np.sqrt(poisson ** 2 + 4.0 * read * chi2)
-            g = np.where(read > 0, 2.0 * chi2 / np.maximum(root, 1e-300), g)
+            root = poisson + np.sqrt(poisson ** 2 + 4.0 * read * e2)
+            g = np.where(read > 0, 2.0 * e2 / np.maximum(root, 1e-300), g)
         k = np.sqrt(np.where(dof > 50, g, 1.0))
         return np.clip(k, 0.3, 30.0)
 

@@ -455,6 +455,12 @@ REGIMES: dict[str, dict[str, Any]] = {
     "small_box": dict(spot_sigma_px=(0.5, 0.8), shoebox_size=5),
     # High background: Bg 100–300 photons per pixel (spots as today).
     "high_background": dict(background=200.0, background_range=(0.5, 1.5)),
+    # Photon counting far below a count per pixel: Bg 0.05–0.15 photons per pixel, J ≈ 24
+    # photons on average (median 10).
+    "low_background": dict(intensity_scale=100.0, background=0.1, background_range=(0.5, 1.5)),
+    # Very strong spots: J ≈ 10⁵ photons on average (median 4·10⁴, the strongest 2·10⁶) on
+    # Bg 0.5–1.5.
+    "very_strong": dict(intensity_scale=4e5),
     # An integrating detector: read noise 3 photons, counts = 1.7 × photons.
     "read_noise": dict(read_noise=3.0, gain=1.7),
     # Heavy tails: 30 % of each spot in a Lorentzian-like tail (scale 3, β = 2), 11×11 boxes.

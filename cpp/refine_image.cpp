@@ -203,6 +203,7 @@ class ImageRefinement {
   void global_contributions(const Matrix& term1_jacobian, const std::vector<double>& r1) const;
   void write_image() const;
   void write_reflections() const;
+  double scale_relative_variance(const ReflectionFit& rf) const;
 
   const ShoeboxSetView& set_;
   int64_t image_;
@@ -1028,12 +1029,28 @@ void ImageRefinement::write_image() const {
   out_.spot_sd[i] = spot_sd_;
 }
 
+// var log(G B_term p pol) of one reflection from the image's covariance (delta method):
+// g' C g, g = d log c / d (G, B, phi, omega, shift) = (1/G, -1/(4d^2), 0, d log(p pol)/d omega,
+// 0), d log p/d omega = -2 eps_r/R0_eff^2 d eps_r/d omega (the geometry's share: 0 when it is
+// not refined). R0's share is added by the caller.
+double ImageRefinement::scale_relative_variance(const ReflectionFit& rf) const {
+  if (!covariance_ok_ || covariance_.rows() != k_) return 0.0;
+  Vector g = Vector::Zero(k_);
+  g(0) = 1.0 / held_.G;
+  g(1) = -1.0 / (4.0 * rf.pred.d * rf.pred.d);
+  if (geometry_) {
+    const GeometryLinearisation& l = rf.geometry_linearisation;
+    for (int a = 0; a < 3; ++a)
+      g(2 + n_shape_ + a) = -2.0 * l.excitation_error / l.width_sq * l.excitation_error_gradient[a] +
+                            l.polarization_gradient[a] / l.polarization;
+  }
+  const double relative = g.dot(covariance_ * g);
+  return std::isfinite(relative) ? std::max(relative, 0.0) : 0.0;
+}
+
 void ImageRefinement::write_reflections() const {
   const bool scaled = !solver_failed_ && !not_refined_ && scale_fit_;
   const double k = held_.error_scale;
-  const double var_G = scaled && covariance_ok_ ? covariance_(0, 0) : 0.0;
-  const double var_B = scaled && covariance_ok_ ? covariance_(1, 1) : 0.0;
-  const double cov_GB = scaled && covariance_ok_ ? covariance_(0, 1) : 0.0;
   const int32_t crystal = set_.crystal_index[image_];
   const double R0_sigma = options_.R0_sigma.empty() ? 0.0 : options_.R0_sigma[crystal];
   for (const ReflectionFit& rf : work_.reflections) {
@@ -1077,8 +1094,7 @@ void ImageRefinement::write_reflections() const {
     if (low_p) flags |= kLowPartiality;
     if (integrated && scaled && !low_p && std::isfinite(c) && c != 0.0) {
       const double I = st.J / c;
-      const double b = 1.0 / (4.0 * rf.pred.d * rf.pred.d);  // -d log B_term / d B
-      double relative = var_G / (held_.G * held_.G) + b * b * var_B - 2.0 * b * cov_GB / held_.G;
+      double relative = scale_relative_variance(rf);
       if (R0_sigma > 0.0 && held_.R0 > 0.0) {  // d log p / d R0 = 2 eps^2 R0 / R0_eff^4
         const double width_sq = partiality_width_sq(held_.R0, held_.eta, rf.pred.d, work_.wavelength,
                                                     work_.bandwidth);

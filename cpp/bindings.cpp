@@ -487,5 +487,5 @@ PYBIND11_MODULE(_core, m) {
       py::arg("delta"), py::arg("cell"), py::arg("tail"),
       "The profile averaged over one cell (edges in eps, D's layout) and its derivatives in "
       "(R1, a, c, t, s, delta1, delta2): "
-      "(value, by hand, by autodiff, d2f/d delta2 (11, 12, 22) by the heat equation).");
+      "(value, by hand, by autodiff, d2f/d delta2 (11, 12, 22) as the pass computes it).");
 }

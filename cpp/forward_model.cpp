@@ -50,7 +50,7 @@ ProfileCheck check_profile(double eps1, double eps2, const double phi[kMaxShape]
   const double t = tail ? phi[kShapeTail] : 0.0;
   const ProfileDerivatives f = profile_with_derivatives(eps1 - delta[0], eps2 - delta[1], M, det,
                                                         std::sqrt(det), t, phi[kShapeTailScale], tail,
-                                                        cell);
+                                                        cell, /*with_curvature=*/true);
   out.value = f.value;
   for (int k = 0; k < 3; ++k)
     out.by_hand[k] = f.d_m[0] * M3.m11.v[k] + f.d_m[1] * M3.m12.v[k] + f.d_m[2] * M3.m22.v[k];

@@ -185,7 +185,8 @@ inline void heat_equation_curvature(const double d_m[3], const Sym2<double>& M, 
 inline ProfileDerivatives profile_with_derivatives(double u1, double u2, const Sym2<double>& M,
                                                    double det, double root_det, double tail,
                                                    double tail_scale, bool with_tail,
-                                                   const double cell[4]) {
+                                                   const double cell[4],
+                                                   bool with_curvature = false) {
   ProfileDerivatives out;
   const double Mu1 = M.m11 * u1 + M.m12 * u2, Mu2 = M.m12 * u1 + M.m22 * u2;
   const double q = u1 * Mu1 + u2 * Mu2;
@@ -233,8 +234,11 @@ inline ProfileDerivatives profile_with_derivatives(double u1, double u2, const S
   const double dq_scale = 2.0 * (w_core + w_tail * tail_factor);
   out.d_delta[0] = dq_scale * Mu1 + w_core * kCell * dK_delta[0];
   out.d_delta[1] = dq_scale * Mu2 + w_core * kCell * dK_delta[1];
-  // d^2 f / d delta^2: the core's by the heat equation; the tail's, g(q) with
-  // g' = -b g, g'' = b^2 (beta + 1)/beta g (b = tail_factor), is g'' 4 Mu (Mu)' + g' 2 M.
+  // d^2 f / d delta^2 (only where asked: the centre-profiling adjustment): the core's by the
+  // heat equation; the tail's, g(q) with g' = -b g, g'' = b^2 (beta + 1)/beta g
+  // (b = tail_factor), is g'' 4 Mu (Mu)' + g' 2 M.
+  out.d_delta2[0] = out.d_delta2[1] = out.d_delta2[2] = 0.0;
+  if (!with_curvature) return out;
   double core_m[3];
   for (int i = 0; i < 3; ++i) core_m[i] = w_core * (dlogdet[i] - dq[i] + kCell * dK_m[i]);
   heat_equation_curvature(core_m, M, out.d_delta2);

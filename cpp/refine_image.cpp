@@ -742,19 +742,19 @@ void ImageRefinement::global_contributions(const Matrix& term1_jacobian,
   out_.R0_gradient[i] = out_.R0_curvature[i] = 0.0;
   for (int j = 0; j < 2; ++j) out_.tail_gradient[2 * i + j] = 0.0;
   for (int j = 0; j < 3; ++j) out_.tail_curvature[3 * i + j] = 0.0;
-  double chi2 = 0.0, dof = 0.0, poisson = 0.0, read = 0.0;
+  double residual_sq = 0.0, dof = 0.0, poisson = 0.0, read = 0.0;
   for (const ReflectionFit& rf : work_.reflections) {
     // The counting scale from clean boxes only (a neighbour's wings are not counting noise)
     // that hold their spot (the background of a box a spot overflows takes up its light).
     if (!rf.integrated() || !std::isfinite(rf.stats.J) || (rf.flags & kForeignLight) ||
         !(rf.stats.profile_fraction >= kCountingProfileFraction))
       continue;
-    chi2 += rf.stats.residual_sq_background;
+    residual_sq += rf.stats.residual_sq_background;
     dof += rf.stats.dof_background;
     poisson += rf.stats.poisson_background;
     read += rf.stats.read_background;
   }
-  out_.background_residual_sq[i] = chi2;
+  out_.background_residual_sq[i] = residual_sq;
   out_.background_dof[i] = dof;
   out_.background_poisson[i] = poisson;
   out_.background_read[i] = read;

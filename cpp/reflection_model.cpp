@@ -93,18 +93,20 @@ PrecisionWithDerivatives precision_derivatives(const double phi[kMaxShape], cons
 // The profile and its derivatives averaged over the pixel's n x n sub-pixel points.
 ProfileDerivatives pixel_derivatives(double u1, double u2, const double D[4], int n,
                                      const Sym2<double>& M, double det, double root_det,
-                                     double tail, double tail_scale, bool with_tail) {
+                                     double tail, double tail_scale, bool with_tail,
+                                     bool with_curvature = false) {
   double cell[4];
   subpixel_cell(D, n, cell);
   if (n == 1)
-    return profile_with_derivatives(u1, u2, M, det, root_det, tail, tail_scale, with_tail, cell);
+    return profile_with_derivatives(u1, u2, M, det, root_det, tail, tail_scale, with_tail, cell,
+                                    with_curvature);
   ProfileDerivatives sum{};
   for (int j = 0; j < n; ++j) {
     for (int i = 0; i < n; ++i) {
       const double ox = subpixel_offset(i, n), oy = subpixel_offset(j, n);
       const ProfileDerivatives f =
           profile_with_derivatives(u1 + D[0] * ox + D[1] * oy, u2 + D[2] * ox + D[3] * oy, M, det,
-                                   root_det, tail, tail_scale, with_tail, cell);
+                                   root_det, tail, tail_scale, with_tail, cell, with_curvature);
       sum.value += f.value;
       for (int k = 0; k < 3; ++k) sum.d_m[k] += f.d_m[k];
       sum.d_tail += f.d_tail;
@@ -152,7 +154,7 @@ struct PixelRows {
 void centre_curvature_cross(const ReflectionFit& rf, const GramLayout& L, const PixelRows& rows,
                             Matrix& cross) {
   cross.setZero(L.size, 3);
-  if (rf.centre_posterior[0] == 0.0 && rf.centre_posterior[2] == 0.0) return;
+  if (!rf.centre_profiled()) return;
   const int64_t n = rf.pixel_end - rf.pixel_begin;
   for (int64_t j = 0; j < n; ++j) {
     const double w = rows.weight[j];
@@ -220,11 +222,12 @@ void accumulate_gram(const ImageWork& w, const ReflectionFit& rf, const GramLayo
   const double t = L.n_tail ? params.phi[kShapeTail] : 0.0;
   const double s = params.phi[kShapeTailScale];
   const bool tail = t > 0.0 || L.n_tail;
+  const bool curvature = rf.centre_profiled();  // d2P/d delta2 only for the adjustment
   for (int64_t j = 0; j < n; ++j) {
     const int64_t i = rf.pixel_begin + j;
     const ProfileDerivatives f = pixel_derivatives(w.eps1[i] - rf.delta[0], w.eps2[i] - rf.delta[1],
                                                    rf.pixel_jacobian, w.subpixels, M, det,
-                                                   root_det, t, s, tail);
+                                                   root_det, t, s, tail, curvature);
     double* z = &rows.z[size_t(j) * L.size];
     const double a = w.area[i];
     z[0] = a * f.value;

@@ -230,6 +230,8 @@ struct ReflectionFit {
     return (Eigen::Matrix2d() << pixel_jacobian[0], pixel_jacobian[1], pixel_jacobian[2],
             pixel_jacobian[3]).finished();
   }
+  // The centre is profiled (a posterior C is held): the shape score is adjusted for it.
+  bool centre_profiled() const { return centre_posterior[0] != 0.0 || centre_posterior[2] != 0.0; }
   bool integrated() const {
     return pixel_end > pixel_begin && !(flags & (kBadPrediction | kTooFewPixels | kProfileOutsideBox));
   }

@@ -39,23 +39,15 @@ ProfileCheck check_profile(double eps1, double eps2, const double phi[kMaxShape]
                            const double S[3], const double pixel[3], const double delta[2],
                            const double cell[4], bool tail) {
   ProfileCheck out;
-  // By hand: d f / d M chained with d M / d (R1, a, c) (a 3-Jet), as the pass does.
-  using Jet3 = ceres::Jet<double, 3>;
-  Jet3 p3[kMaxShape];
-  for (int k = 0; k < kMaxShape; ++k) p3[k] = Jet3(phi[k]);
-  for (int k = 0; k < 3; ++k) p3[k].v[k] = 1.0;
-  const Sym2<Jet3> M3 = profile_precision(p3, S, pixel);
-  const Sym2<double> M = {M3.m11.a, M3.m12.a, M3.m22.a};
-  const double det = M.det();
-  const double t = tail ? phi[kShapeTail] : 0.0;
-  const ProfileDerivatives f = profile_with_derivatives(eps1 - delta[0], eps2 - delta[1], M, det,
-                                                        std::sqrt(det), t, phi[kShapeTailScale], tail,
+  // By hand: d f / d (M, M_T) chained with d (M, M_T) / d (R1, a, c, s), as the pass does.
+  const PrecisionWithDerivatives pd = precision_derivatives(phi, S, pixel);
+  const ProfileTensors P(pd.M, pd.M_tail, tail ? phi[kShapeTail] : 0.0);
+  const ProfileDerivatives f = profile_with_derivatives(eps1 - delta[0], eps2 - delta[1], P, tail,
                                                         cell, /*with_curvature=*/true);
   out.value = f.value;
-  for (int k = 0; k < 3; ++k)
-    out.by_hand[k] = f.d_m[0] * M3.m11.v[k] + f.d_m[1] * M3.m12.v[k] + f.d_m[2] * M3.m22.v[k];
+  for (int k = 0; k < 3; ++k) out.by_hand[k] = pd.chain(f, k);
   out.by_hand[3] = tail ? f.d_tail : 0.0;
-  out.by_hand[4] = tail ? f.d_tail_scale : 0.0;
+  out.by_hand[4] = tail ? pd.chain(f, 3) : 0.0;
   out.by_hand[5] = f.d_delta[0];
   out.by_hand[6] = f.d_delta[1];
   for (int k = 0; k < 3; ++k) out.curvature[k] = f.d_delta2[k];
@@ -64,9 +56,9 @@ ProfileCheck check_profile(double eps1, double eps2, const double phi[kMaxShape]
   Jet7 p7[kMaxShape];
   for (int k = 0; k < kMaxShape; ++k) p7[k] = Jet7(phi[k], k);
   const Jet7 d1(delta[0], 5), d2(delta[1], 6);
-  const Sym2<Jet7> M7 = profile_precision(p7, S, pixel);
-  const Jet7 value = profile_density(Jet7(eps1) - d1, Jet7(eps2) - d2, M7,
-                                     tail ? p7[kShapeTail] : Jet7(0.0), p7[kShapeTailScale], cell);
+  const Sym2<Jet7> M7 = profile_precision(p7, S, pixel), M7_tail = tail_precision(p7, S);
+  const Jet7 value = profile_density(Jet7(eps1) - d1, Jet7(eps2) - d2, M7, M7_tail,
+                                     tail ? p7[kShapeTail] : Jet7(0.0), cell);
   for (int k = 0; k < 7; ++k) out.autodiff[k] = value.v[k];
   return out;
 }

@@ -2,10 +2,12 @@
 // area-normalised density in the tangential offset eps (A^-1, (e1, e2) basis), a Gaussian core
 // with a 2x2 tensor Sigma and an optional heavy-tailed component of the same shape:
 //
-//   f(u) = (1 - t) sqrt(det M)/pi exp(-u'Mu) + t (beta-1)/pi sqrt(det M)/s^2 (1 + u'Mu/s^2)^-beta,
+//   f(u) = (1 - t) sqrt(det M)/pi exp(-u'Mu) + t (beta-1)/pi sqrt(det M_T) (1 + u'M_T u)^-beta,
 //
 // u = eps - delta (delta: the spot's centre, a per-reflection quantity), M = Sigma_eff^-1 with
-// Sigma_eff = Sigma + 2 S + D D'/(6 n^2) (S: the covariance of the centre estimate's error
+// Sigma_eff = Sigma + 2 S + D D'/(6 n^2), and the tail's M_T = (s^2 Sigma + 2 S)^-1 (the tail is s
+// times the spot's own width, widened by the centre's error as the core is; its pixel cell is
+// averaged by tail_cell_density) (S: the covariance of the centre estimate's error
 // over the spots that the spot's own data do not explain, METHODS.md §I.6; D the
 // Jacobian d eps / d (x, y): a uniform sub-cell's own covariance D D'/(12 n^2), doubled as
 // Sigma is twice the per-axis covariance; n x n sub-pixel points per pixel; see METHODS.md),
@@ -79,6 +81,17 @@ Sym2<T> profile_precision(const T* phi, const double S[3], const double pixel[3]
   return sigma.inverse();
 }
 
+// The tail's tensor M_T = (s^2 Sigma + 2 S)^-1 of one reflection.
+template <typename T>
+Sym2<T> tail_precision(const T* phi, const double S[3]) {
+  Sym2<T> sigma = profile_tensor(phi[kShapeR1], phi[kShapeA], phi[kShapeC]);
+  const T s_sq = phi[kShapeTailScale] * phi[kShapeTailScale];
+  sigma.m11 = s_sq * sigma.m11 + 2.0 * S[0];
+  sigma.m12 = s_sq * sigma.m12 + 2.0 * S[1];
+  sigma.m22 = s_sq * sigma.m22 + 2.0 * S[2];
+  return sigma.inverse();
+}
+
 // The uniform cell's fourth-order correction to the Gaussian smoothing (METHODS.md §I.4). A
 // density averaged over a cell spanned by d1, d2 (eps per cell edge) is prod_k sinh(z_k)/z_k
 // applied to it, z_k = (d_k . grad)/2; the Gaussian of the cell's covariance is prod_k
@@ -104,21 +117,44 @@ T cell_correction(const U& u1, const U& u2, const Sym2<T>& M, const double cell[
   return sum * (-1.0 / 2880.0);
 }
 
-// f averaged over one cell (edges `cell`) at offset u = eps - delta of the cell's centre (per
-// A^-2): the core with its cell correction, the tail without (its width s >= 1.5 times the
-// core's makes its correction s^4 times smaller). Templated for autodiff.
+// The tail averaged over one cell (edges d_k = `cell` columns) to second order: the cell's mean
+// of g(q), q = u'M_T u, g = (beta - 1)/pi sqrt(det M_T) (1 + q)^-beta, is
+// (1 + sum_k (d_k . grad)^2/24) g = g exp(L) to that order, with (d . grad)^2 g = g (4 c alpha^2
+// - 2 b gamma), alpha = d'M_T u, gamma = d'M_T d, b = beta/(1 + q), c = b^2 (beta + 1)/beta
+// (g' = -b g, g'' = c g in q):
+//
+//   L = (1/24) sum_k (4 c alpha_k^2 - 2 b gamma_k).
+//
+// (The core's Gaussian takes the cell as a covariance, exact to this order by the heat equation;
+// a power law's width is not a heat flow.) Templated for autodiff.
 template <typename T, typename U>
-T profile_density(const U& u1, const U& u2, const Sym2<T>& M, const T& tail, const T& tail_scale,
-                  const double cell[4]) {
+T tail_cell_density(const U& u1, const U& u2, const Sym2<T>& Mt, const double cell[4]) {
+  using std::exp;
+  using std::sqrt;
+  const T Mu1 = Mt.m11 * u1 + Mt.m12 * u2, Mu2 = Mt.m12 * u1 + Mt.m22 * u2;
+  const T base = T(1.0) + (u1 * Mu1 + u2 * Mu2);
+  const T b = kTailBeta / base, c = b * b * ((kTailBeta + 1.0) / kTailBeta);
+  T L(0.0);
+  for (int k = 0; k < 2; ++k) {
+    const double d1 = cell[k], d2 = cell[2 + k];
+    const T alpha = d1 * Mu1 + d2 * Mu2;
+    const T gamma = Mt.m11 * (d1 * d1) + Mt.m12 * (2.0 * d1 * d2) + Mt.m22 * (d2 * d2);
+    L += 4.0 * c * alpha * alpha - 2.0 * b * gamma;
+  }
+  return sqrt(Mt.det()) * ((kTailBeta - 1.0) / kPi) / (base * base) * exp(L * (1.0 / 24.0));
+}
+
+// f averaged over one cell (edges `cell`) at offset u = eps - delta of the cell's centre (per
+// A^-2): the core with its cell correction, the tail with its own (tail_cell_density).
+// Templated for autodiff.
+template <typename T, typename U>
+T profile_density(const U& u1, const U& u2, const Sym2<T>& M, const Sym2<T>& M_tail,
+                  const T& tail, const double cell[4]) {
   using std::exp;
   using std::sqrt;
   const T q = M.m11 * u1 * u1 + 2.0 * M.m12 * u1 * u2 + M.m22 * u2 * u2;
-  const T root_det = sqrt(M.det());
-  const T core = root_det * (1.0 / kPi) * exp(cell_correction(u1, u2, M, cell) - q);
-  const T s_sq = tail_scale * tail_scale;
-  const T base = T(1.0) + q / s_sq;
-  const T tail_density = root_det * ((kTailBeta - 1.0) / kPi) / (s_sq * base * base);
-  return (T(1.0) - tail) * core + tail * tail_density;
+  const T core = sqrt(M.det()) * (1.0 / kPi) * exp(cell_correction(u1, u2, M, cell) - q);
+  return (T(1.0) - tail) * core + tail * tail_cell_density(u1, u2, M_tail, cell);
 }
 
 // The profile averaged over one pixel: the mean of the cell densities of n x n sub-pixel cells
@@ -135,15 +171,15 @@ inline void subpixel_cell(const double D[4], int n, double cell[4]) {
 
 template <typename T, typename U>
 T pixel_density(const U& u1, const U& u2, const double D[4], int n, const Sym2<T>& M,
-                const T& tail, const T& tail_scale) {
+                const Sym2<T>& M_tail, const T& tail) {
   double cell[4];
   subpixel_cell(D, n, cell);
   T sum(0.0);
   for (int j = 0; j < n; ++j) {
     for (int i = 0; i < n; ++i) {
       const double ox = subpixel_offset(i, n), oy = subpixel_offset(j, n);
-      sum += profile_density(u1 + (D[0] * ox + D[1] * oy), u2 + (D[2] * ox + D[3] * oy), M, tail,
-                             tail_scale, cell);
+      sum += profile_density(u1 + (D[0] * ox + D[1] * oy), u2 + (D[2] * ox + D[3] * oy), M,
+                             M_tail, tail, cell);
     }
   }
   return sum * (1.0 / (n * n));
@@ -158,14 +194,25 @@ inline int subpixels_for(double sd_px) {
   return sd_px >= 0.65 ? 1 : sd_px >= 0.35 ? 2 : sd_px >= 0.25 ? 3 : 4;
 }
 
-// f and its partial derivatives in (m11, m12, m22), t, s and the centre (delta1, delta2), by hand
-// (the pixel loop's hot path; checked against Jet autodiff of profile_density in the tests).
+// f and its partial derivatives in the core's M and the tail's M_T (each (m11, m12, m22)), t and
+// the centre (delta1, delta2), by hand (the pixel loop's hot path; checked against Jet autodiff
+// of profile_density in the tests). Those in (R1, a, c, s) follow by d M/d phi, d M_T/d phi.
 struct ProfileDerivatives {
   double value;
-  double d_m[3];      // d f / d (m11, m12, m22)
-  double d_tail, d_tail_scale;
-  double d_delta[2];  // d f / d delta = - d f / d u
-  double d_delta2[3]; // d^2 f / d delta^2 (11, 12, 22), for the centre-profiling adjustment
+  double d_m[3];       // d f / d (m11, m12, m22) of M
+  double d_m_tail[3];  // d f / d (m11, m12, m22) of M_T
+  double d_tail;
+  double d_delta[2];   // d f / d delta = - d f / d u
+  double d_delta2[3];  // d^2 f / d delta^2 (11, 12, 22), for the centre-profiling adjustment
+};
+
+// The two tensors of one reflection's profile with their determinants, and t.
+struct ProfileTensors {
+  Sym2<double> M, M_tail;
+  double det, root_det, det_tail, root_det_tail, tail;
+  ProfileTensors(const Sym2<double>& core, const Sym2<double>& tail_tensor, double t)
+      : M(core), M_tail(tail_tensor), det(core.det()), root_det(std::sqrt(det)),
+        det_tail(tail_tensor.det()), root_det_tail(std::sqrt(det_tail)), tail(t) {}
 };
 
 // d^2 f / d u^2 (11, 12, 22) of a Gaussian core f = sqrt(det M)/pi exp(K - u'Mu) from its
@@ -182,12 +229,12 @@ inline void heat_equation_curvature(const double d_m[3], const Sym2<double>& M, 
   h[2] = -4.0 * (a21 * M.m12 + a22 * M.m22);
 }
 
-inline ProfileDerivatives profile_with_derivatives(double u1, double u2, const Sym2<double>& M,
-                                                   double det, double root_det, double tail,
-                                                   double tail_scale, bool with_tail,
-                                                   const double cell[4],
+inline ProfileDerivatives profile_with_derivatives(double u1, double u2, const ProfileTensors& P,
+                                                   bool with_tail, const double cell[4],
                                                    bool with_curvature = false) {
   ProfileDerivatives out;
+  const Sym2<double>& M = P.M;
+  const double det = P.det, tail = P.tail;
   const double Mu1 = M.m11 * u1 + M.m12 * u2, Mu2 = M.m12 * u1 + M.m22 * u2;
   const double q = u1 * Mu1 + u2 * Mu2;
   // d log sqrt(det M) / d (m11, m12, m22) and d q / d (m11, m12, m22).
@@ -212,43 +259,101 @@ inline ProfileDerivatives profile_with_derivatives(double u1, double u2, const S
   }
   constexpr double kCell = -1.0 / 2880.0;
   K *= kCell;
-  const double core = root_det * (1.0 / kPi) * std::exp(K - q);
+  const double core = P.root_det * (1.0 / kPi) * std::exp(K - q);
   const double w_core = (1.0 - tail) * core;
-  double w_tail = 0.0, tail_factor = 0.0, tail_density = 0.0;
+  // The tail g exp(L) in q_T = u'M_T u (tail_cell_density) and its derivatives.
+  const Sym2<double>& Mt = P.M_tail;
+  const double Mtu1 = Mt.m11 * u1 + Mt.m12 * u2, Mtu2 = Mt.m12 * u1 + Mt.m22 * u2;
+  double w_tail = 0.0, b = 0.0, tail_density = 0.0;
+  double dlog_dq = 0.0, dL_m[3] = {0.0, 0.0, 0.0}, dL_u[2] = {0.0, 0.0};
   if (with_tail) {
-    const double s_sq = tail_scale * tail_scale;
-    const double base = 1.0 + q / s_sq;
-    tail_density = root_det * ((kTailBeta - 1.0) / kPi) / (s_sq * base * base);
+    const double base = 1.0 + u1 * Mtu1 + u2 * Mtu2;
+    b = kTailBeta / base;
+    const double c = b * b * (kTailBeta + 1.0) / kTailBeta;
+    const double db = -b * b / kTailBeta, dc = -2.0 * b * c / kTailBeta;  // d/d q_T
+    double L = 0.0, dL_dq = 0.0;
+    for (int k = 0; k < 2; ++k) {
+      const double d1 = cell[k], d2 = cell[2 + k];
+      const double alpha = d1 * Mtu1 + d2 * Mtu2;
+      const double gamma = Mt.m11 * d1 * d1 + 2.0 * Mt.m12 * d1 * d2 + Mt.m22 * d2 * d2;
+      L += 4.0 * c * alpha * alpha - 2.0 * b * gamma;
+      dL_dq += 4.0 * dc * alpha * alpha - 2.0 * db * gamma;
+      // d alpha / d (m11, m12, m22), d gamma / d (...); d alpha / d u = M_T d.
+      const double da[3] = {d1 * u1, d1 * u2 + d2 * u1, d2 * u2};
+      const double dg[3] = {d1 * d1, 2.0 * d1 * d2, d2 * d2};
+      for (int i = 0; i < 3; ++i) dL_m[i] += (8.0 * c * alpha * da[i] - 2.0 * b * dg[i]) / 24.0;
+      dL_u[0] += 8.0 * c * alpha * (Mt.m11 * d1 + Mt.m12 * d2) / 24.0;
+      dL_u[1] += 8.0 * c * alpha * (Mt.m12 * d1 + Mt.m22 * d2) / 24.0;
+    }
+    tail_density = P.root_det_tail * ((kTailBeta - 1.0) / kPi) / (base * base) * std::exp(L / 24.0);
     w_tail = tail * tail_density;
-    tail_factor = kTailBeta / (s_sq + q);  // - d log(tail) / d q
-    out.d_tail_scale = w_tail * (-2.0 / tail_scale + 2.0 * kTailBeta * q / (tail_scale * (s_sq + q)));
-  } else {
-    out.d_tail_scale = 0.0;
+    dlog_dq = -b + dL_dq / 24.0;  // d log(tail) / d q_T, L's q-dependence included
   }
   out.value = w_core + w_tail;
   out.d_tail = tail_density - core;
-  for (int i = 0; i < 3; ++i)
-    out.d_m[i] = out.value * dlogdet[i] - (w_core + w_tail * tail_factor) * dq[i] +
-                 w_core * kCell * dK_m[i];
-  // d q / d delta = -2 M u.
-  const double dq_scale = 2.0 * (w_core + w_tail * tail_factor);
-  out.d_delta[0] = dq_scale * Mu1 + w_core * kCell * dK_delta[0];
-  out.d_delta[1] = dq_scale * Mu2 + w_core * kCell * dK_delta[1];
+  const double dlogdet_tail[3] = {0.5 * Mt.m22 / P.det_tail, -Mt.m12 / P.det_tail,
+                                  0.5 * Mt.m11 / P.det_tail};
+  for (int i = 0; i < 3; ++i) {
+    out.d_m[i] = w_core * (dlogdet[i] - dq[i] + kCell * dK_m[i]);
+    out.d_m_tail[i] = w_tail * (dlogdet_tail[i] + dlog_dq * dq[i] + dL_m[i]);
+  }
+  // d q / d delta = -2 M u, d q_T / d delta = -2 M_T u, d L / d delta = -d L / d u.
+  out.d_delta[0] = 2.0 * (w_core * Mu1 - w_tail * dlog_dq * Mtu1) - w_tail * dL_u[0] +
+                   w_core * kCell * dK_delta[0];
+  out.d_delta[1] = 2.0 * (w_core * Mu2 - w_tail * dlog_dq * Mtu2) - w_tail * dL_u[1] +
+                   w_core * kCell * dK_delta[1];
   // d^2 f / d delta^2 (only where asked: the centre-profiling adjustment): the core's by the
-  // heat equation; the tail's, g(q) with g' = -b g, g'' = b^2 (beta + 1)/beta g
-  // (b = tail_factor), is g'' 4 Mu (Mu)' + g' 2 M.
+  // heat equation; the tail's, g(q_T) with g' = -b g, g'' = b^2 (beta + 1)/beta g, is
+  // g'' 4 M_T u (M_T u)' + g' 2 M_T (exp(L)'s own curvature, of the cell's order, left out).
   out.d_delta2[0] = out.d_delta2[1] = out.d_delta2[2] = 0.0;
   if (!with_curvature) return out;
-  double core_m[3];
-  for (int i = 0; i < 3; ++i) core_m[i] = w_core * (dlogdet[i] - dq[i] + kCell * dK_m[i]);
-  heat_equation_curvature(core_m, M, out.d_delta2);
+  heat_equation_curvature(out.d_m, M, out.d_delta2);
   if (with_tail) {
-    const double first = w_tail * tail_factor;
-    const double second = 4.0 * first * tail_factor * (kTailBeta + 1.0) / kTailBeta;
-    out.d_delta2[0] += second * Mu1 * Mu1 - 2.0 * first * M.m11;
-    out.d_delta2[1] += second * Mu1 * Mu2 - 2.0 * first * M.m12;
-    out.d_delta2[2] += second * Mu2 * Mu2 - 2.0 * first * M.m22;
+    const double first = w_tail * b;
+    const double second = 4.0 * first * b * (kTailBeta + 1.0) / kTailBeta;
+    out.d_delta2[0] += second * Mtu1 * Mtu1 - 2.0 * first * Mt.m11;
+    out.d_delta2[1] += second * Mtu1 * Mtu2 - 2.0 * first * Mt.m12;
+    out.d_delta2[2] += second * Mtu2 * Mtu2 - 2.0 * first * Mt.m22;
   }
+  return out;
+}
+
+// The core's M and the tail's M_T of one reflection and their derivatives in (R1, a, c, s), by
+// forward-mode autodiff of profile_precision and tail_precision (d M / d s = 0).
+struct PrecisionWithDerivatives {
+  Sym2<double> M, M_tail;
+  double dM[3][4] = {};       // [component m11, m12, m22][R1, a, c, s]
+  double dM_tail[3][4] = {};
+
+  // d f / d phi_k from f's derivatives in the two tensors (k: R1, a, c, s).
+  double chain(const ProfileDerivatives& f, int k) const {
+    double sum = 0.0;
+    for (int c = 0; c < 3; ++c) sum += f.d_m[c] * dM[c][k] + f.d_m_tail[c] * dM_tail[c][k];
+    return sum;
+  }
+};
+
+// A tensor's value and its 4 Jet derivatives.
+inline void store_tensor(const Sym2<ceres::Jet<double, 4>>& J, Sym2<double>& value,
+                         double d[3][4]) {
+  value = {J.m11.a, J.m12.a, J.m22.a};
+  for (int k = 0; k < 4; ++k) {
+    d[0][k] = J.m11.v[k];
+    d[1][k] = J.m12.v[k];
+    d[2][k] = J.m22.v[k];
+  }
+}
+
+inline PrecisionWithDerivatives precision_derivatives(const double phi[kMaxShape],
+                                                      const double S[3], const double pixel[3]) {
+  using Jet4 = ceres::Jet<double, 4>;
+  Jet4 p[kMaxShape];
+  for (int k = 0; k < kMaxShape; ++k) p[k] = Jet4(phi[k]);
+  for (int k = 0; k < 3; ++k) p[k].v[k] = 1.0;
+  p[kShapeTailScale].v[3] = 1.0;
+  PrecisionWithDerivatives out;
+  store_tensor(profile_precision(p, S, pixel), out.M, out.dM);
+  store_tensor(tail_precision(p, S), out.M_tail, out.dM_tail);
   return out;
 }
 

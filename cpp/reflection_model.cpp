@@ -66,51 +66,24 @@ double background_at(const ImageWork& w, const ReflectionFit& rf, const double b
   return b;
 }
 
-// d M / d phi_k (k over the refined R1, a, c) of one reflection, by forward-mode autodiff of
-// profile_precision, and M itself.
-struct PrecisionWithDerivatives {
-  Sym2<double> M;
-  double dM[3][3] = {};  // [component m11, m12, m22][k]
-};
-
-PrecisionWithDerivatives precision_derivatives(const double phi[kMaxShape], const double S[3],
-                                               const double pixel[3]) {
-  using Jet3 = ceres::Jet<double, 3>;
-  Jet3 p[kMaxShape];
-  for (int k = 0; k < kMaxShape; ++k) p[k] = Jet3(phi[k]);
-  for (int k = 0; k < 3; ++k) p[k].v[k] = 1.0;
-  const Sym2<Jet3> M = profile_precision(p, S, pixel);
-  PrecisionWithDerivatives out;
-  out.M = {M.m11.a, M.m12.a, M.m22.a};
-  for (int k = 0; k < 3; ++k) {
-    out.dM[0][k] = M.m11.v[k];
-    out.dM[1][k] = M.m12.v[k];
-    out.dM[2][k] = M.m22.v[k];
-  }
-  return out;
-}
-
 // The profile and its derivatives averaged over the pixel's n x n sub-pixel points.
 ProfileDerivatives pixel_derivatives(double u1, double u2, const double D[4], int n,
-                                     const Sym2<double>& M, double det, double root_det,
-                                     double tail, double tail_scale, bool with_tail,
+                                     const ProfileTensors& P, bool with_tail,
                                      bool with_curvature = false) {
   double cell[4];
   subpixel_cell(D, n, cell);
-  if (n == 1)
-    return profile_with_derivatives(u1, u2, M, det, root_det, tail, tail_scale, with_tail, cell,
-                                    with_curvature);
+  if (n == 1) return profile_with_derivatives(u1, u2, P, with_tail, cell, with_curvature);
   ProfileDerivatives sum{};
   for (int j = 0; j < n; ++j) {
     for (int i = 0; i < n; ++i) {
       const double ox = subpixel_offset(i, n), oy = subpixel_offset(j, n);
       const ProfileDerivatives f =
-          profile_with_derivatives(u1 + D[0] * ox + D[1] * oy, u2 + D[2] * ox + D[3] * oy, M, det,
-                                   root_det, tail, tail_scale, with_tail, cell, with_curvature);
+          profile_with_derivatives(u1 + D[0] * ox + D[1] * oy, u2 + D[2] * ox + D[3] * oy, P,
+                                   with_tail, cell, with_curvature);
       sum.value += f.value;
       for (int k = 0; k < 3; ++k) sum.d_m[k] += f.d_m[k];
+      for (int k = 0; k < 3; ++k) sum.d_m_tail[k] += f.d_m_tail[k];
       sum.d_tail += f.d_tail;
-      sum.d_tail_scale += f.d_tail_scale;
       sum.d_delta[0] += f.d_delta[0];
       sum.d_delta[1] += f.d_delta[1];
       for (int k = 0; k < 3; ++k) sum.d_delta2[k] += f.d_delta2[k];
@@ -119,8 +92,8 @@ ProfileDerivatives pixel_derivatives(double u1, double u2, const double D[4], in
   const double inverse = 1.0 / (n * n);
   sum.value *= inverse;
   for (int k = 0; k < 3; ++k) sum.d_m[k] *= inverse;
+  for (int k = 0; k < 3; ++k) sum.d_m_tail[k] *= inverse;
   sum.d_tail *= inverse;
-  sum.d_tail_scale *= inverse;
   sum.d_delta[0] *= inverse;
   sum.d_delta[1] *= inverse;
   for (int k = 0; k < 3; ++k) sum.d_delta2[k] *= inverse;
@@ -217,17 +190,15 @@ void accumulate_gram(const ImageWork& w, const ReflectionFit& rf, const GramLayo
   rows.curvature.assign(size_t(n) * 3, 0.0);
   gram.setZero(L.size, L.size);
   p_sum = 0.0;
-  const Sym2<double>& M = pd.M;
-  const double det = M.det(), root_det = std::sqrt(det);
   const double t = L.n_tail ? params.phi[kShapeTail] : 0.0;
-  const double s = params.phi[kShapeTailScale];
+  const ProfileTensors P(pd.M, pd.M_tail, t);
   const bool tail = t > 0.0 || L.n_tail;
   const bool curvature = rf.centre_profiled();  // d2P/d delta2 only for the adjustment
   for (int64_t j = 0; j < n; ++j) {
     const int64_t i = rf.pixel_begin + j;
     const ProfileDerivatives f = pixel_derivatives(w.eps1[i] - rf.delta[0], w.eps2[i] - rf.delta[1],
-                                                   rf.pixel_jacobian, w.subpixels, M, det,
-                                                   root_det, t, s, tail, curvature);
+                                                   rf.pixel_jacobian, w.subpixels, P, tail,
+                                                   curvature);
     double* z = &rows.z[size_t(j) * L.size];
     const double a = w.area[i];
     z[0] = a * f.value;
@@ -241,16 +212,15 @@ void accumulate_gram(const ImageWork& w, const ReflectionFit& rf, const GramLayo
     z[L.delta] = a * f.d_delta[0];
     z[L.delta + 1] = a * f.d_delta[1];
     for (int ab = 0; ab < 3; ++ab) rows.curvature[size_t(j) * 3 + ab] = a * f.d_delta2[ab];
-    for (int k = 0; k < L.n_shape; ++k)
-      z[L.shape + k] = a * (f.d_m[0] * pd.dM[0][k] + f.d_m[1] * pd.dM[1][k] + f.d_m[2] * pd.dM[2][k]);
+    for (int k = 0; k < L.n_shape; ++k) z[L.shape + k] = a * pd.chain(f, k);
     if (L.n_tail) {
       z[L.tail] = a * f.d_tail;
-      z[L.tail + 1] = a * f.d_tail_scale;
+      z[L.tail + 1] = a * pd.chain(f, 3);
     }
     if (L.neighbour >= 0) {  // the neighbour's spot: the same shape about its own centre
       const ProfileDerivatives g = pixel_derivatives(
           w.eps1[i] - rf.neighbour_centre[0], w.eps2[i] - rf.neighbour_centre[1],
-          rf.pixel_jacobian, w.subpixels, M, det, root_det, t, s, tail);
+          rf.pixel_jacobian, w.subpixels, P, tail);
       z[L.neighbour] = a * g.value;
       z[L.neighbour_delta] = a * g.d_delta[0];
       z[L.neighbour_delta + 1] = a * g.d_delta[1];
@@ -281,10 +251,10 @@ void centre_statistics(const ImageWork& w, ReflectionFit& rf, const ImageParamet
   const double trace_S = 2.0 * (rf.S[0] + rf.S[2]);
   if (!(trace_S > 0.01 * (sigma_wide.m11 + sigma_wide.m22))) return;
   const double zero[3] = {0.0, 0.0, 0.0};
-  const Sym2<double> M = profile_precision(params.phi, zero, rf.pixel_smoothing);
-  const double det = M.det(), root_det = std::sqrt(det);
   const bool tail = w.profile_model == ProfileModel::kTail;
-  const double t = tail ? params.phi[kShapeTail] : 0.0, s = params.phi[kShapeTailScale];
+  const ProfileTensors P(profile_precision(params.phi, zero, rf.pixel_smoothing),
+                         tail_precision(params.phi, zero),
+                         tail ? params.phi[kShapeTail] : 0.0);
   // The design is the pass's (P, background basis, P_n), P at the known centre.
   const int nx = L.n_x, size = nx + 3;
   Matrix gram = Matrix::Zero(size, size);
@@ -294,8 +264,7 @@ void centre_statistics(const ImageWork& w, ReflectionFit& rf, const ImageParamet
     if (!(weight > 0.0)) continue;
     const int64_t i = rf.pixel_begin + j;
     const ProfileDerivatives f = pixel_derivatives(w.eps1[i] - rf.delta[0], w.eps2[i] - rf.delta[1],
-                                                   rf.pixel_jacobian, w.subpixels, M, det,
-                                                   root_det, t, s, tail);
+                                                   rf.pixel_jacobian, w.subpixels, P, tail);
     const double a = w.area[i];
     z[0] = a * f.value;
     if (rf.n_background_parameters >= 1) z[1] = 1.0;
@@ -1299,10 +1268,11 @@ void fit_reflections(ImageWork& work, const ImageParameters& params, const Refin
 double reflection_profile(const ImageWork& work, const ReflectionFit& rf, const double* phi,
                           int64_t pixel) {
   const Sym2<double> M = profile_precision(phi, rf.S, rf.pixel_smoothing);
+  const Sym2<double> M_tail = tail_precision(phi, rf.S);
   const double tail = work.profile_model == ProfileModel::kTail ? phi[kShapeTail] : 0.0;
   return work.area[pixel] * pixel_density(work.eps1[pixel] - rf.delta[0],
                                           work.eps2[pixel] - rf.delta[1], rf.pixel_jacobian,
-                                          work.subpixels, M, tail, phi[kShapeTailScale]);
+                                          work.subpixels, M, M_tail, tail);
 }
 
 }  // namespace pixelrefine

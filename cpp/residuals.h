@@ -128,11 +128,12 @@ struct PixelResidual {
     T shape[kMaxShape];
     for (int k = 0; k < kMaxShape; ++k) shape[k] = k < NS ? phi[k] : T(held_phi[k]);
     const Sym2<T> M = profile_precision(shape, rf->S, rf->pixel_smoothing);
+    const Sym2<T> M_tail = tail_precision(shape, rf->S);
     const T tail = work->profile_model == ProfileModel::kTail ? shape[kShapeTail] : T(0.0);
     const T P = work->area[pixel] * pixel_density(work->eps1[pixel] - rf->delta[0],
                                                   work->eps2[pixel] - rf->delta[1],
-                                                  rf->pixel_jacobian, work->subpixels, M, tail,
-                                                  shape[kShapeTailScale]);
+                                                  rf->pixel_jacobian, work->subpixels, M,
+                                                  M_tail, tail);
     const T j_model = intensity_model(G[0], B[0], rf->pred.d, rf->partiality,
                                       rf->pred.polarization, rf->intensity_ref);
     T bg = T(rf->file_background);

@@ -330,7 +330,7 @@ PYBIND11_MODULE(_core, m) {
       OPTION(objective) OPTION(profile) OPTION(background) OPTION(R0) OPTION(eta)
       OPTION(error_scale) OPTION(read_variance_scale) OPTION(reference_error)
       OPTION(tail_fraction) OPTION(tail_scale)
-      OPTION(G_prior) OPTION(R0_sigma) OPTION(sigma_G) OPTION(reference_bias_correction) OPTION(fit_centres) OPTION(refine_geometry) OPTION(sigma_rotation)
+      OPTION(G_prior) OPTION(R0_sigma) OPTION(tail_covariance) OPTION(sigma_G) OPTION(reference_bias_correction) OPTION(fit_centres) OPTION(refine_geometry) OPTION(sigma_rotation)
       OPTION(sigma_shift) OPTION(max_outer) OPTION(max_iterations) OPTION(outer_tolerance)
       OPTION(B_min) OPTION(B_max) OPTION(min_valid_pixels) OPTION(plane_min_pixels)
       OPTION(min_reflections) OPTION(outlier_sigma) OPTION(pixel_outlier_sigma)

@@ -201,9 +201,11 @@ class ImageRefinement {
   void diagnostics();
   int decide_status(bool converged) const;
   void global_contributions(const Matrix& term1_jacobian, const std::vector<double>& r1) const;
+  bool tail_normal_equations(Matrix& H, Vector& g) const;
+  void propagate_tail(const Matrix& Htt, const Matrix& Jt, const std::vector<int>& scale_idx);
   void write_image() const;
   void write_reflections() const;
-  double scale_relative_variance(const ReflectionFit& rf) const;
+  double parameter_relative_variance(const ReflectionFit& rf) const;
 
   const ShoeboxSetView& set_;
   int64_t image_;
@@ -227,6 +229,10 @@ class ImageRefinement {
   int n_term1_ = 0, n_integrated_ = 0;
   Matrix covariance_;
   bool covariance_ok_ = false;
+  // The refined tail's (t, s) covariance C_tau (per crystal, given) and the image parameters'
+  // sensitivity to it, S = d(params)/d(t, s) (k_ x 2; empty: no tail uncertainty).
+  Eigen::Matrix2d tail_covariance_ = Eigen::Matrix2d::Zero();
+  Matrix tail_sensitivity_;
   std::vector<std::array<double, 3>> whitening_;
   std::vector<const ReflectionFit*> term1_rows_;
   ParameterBlocks x_;
@@ -653,8 +659,48 @@ void ImageRefinement::compute_covariance(bool final) {
       covariance_(2 + s, scale_idx[a]) = cross(a, s);
     }
   }
+  propagate_tail(Htt, Jt, scale_idx);
   global_contributions(term1_jacobian, r1);
   if (final) correct_reference_bias(H, term1_jacobian);
+}
+
+// The per-crystal tail (t, s) is held in the image's fit; its uncertainty C_tau (from the
+// crystal's summed tail curvature) moves the image's parameters through the shape and the Js:
+// dphi/dtau = -H_phiphi^-1 H_phitau (the shape's normal equations, extended by the tail),
+// dJ/dtau = dJ/dtau|_phi + dJ/dphi dphi/dtau, dtheta/dtau = -H_tt^-1 J_t' (dJ/dtau / sigma_1);
+// C += S C_tau S' with S = (dtheta/dtau, dphi/dtau) (METHODS.md §I.11).
+void ImageRefinement::propagate_tail(const Matrix& Htt, const Matrix& Jt,
+                                     const std::vector<int>& scale_idx) {
+  tail_sensitivity_.resize(0, 0);
+  const int32_t crystal = set_.crystal_index[image_];
+  if (work_.profile_model != ProfileModel::kTail || options_.tail_covariance.empty()) return;
+  const double* c = &options_.tail_covariance[3 * crystal];
+  tail_covariance_ << c[0], c[1], c[1], c[2];
+  if (tail_covariance_.isZero(0.0)) return;
+  const int ns = n_shape_;
+  Matrix H;
+  Vector g;
+  if (!tail_normal_equations(H, g)) return;
+  Eigen::LDLT<Matrix> shape(H.topLeftCorner(ns, ns));
+  const Matrix dphi_dtau = -shape.solve(H.topRightCorner(ns, 2));
+  if (shape.info() != Eigen::Success || !dphi_dtau.allFinite()) return;
+  Matrix Jtau = Matrix::Zero(term1_rows_.size(), 2);
+  for (size_t t = 0; t < term1_rows_.size(); ++t) {
+    const ReflectionFit& rf = *term1_rows_[t];
+    if (!rf.use_intensity) continue;
+    for (int j = 0; j < 2; ++j) {
+      double total = rf.stats.dJ_dtail[j];
+      for (int s = 0; s < ns; ++s) total += rf.stats.dJ_dphi[s] * dphi_dtau(s, j);
+      Jtau(t, j) = total / rf.sigma_intensity;
+    }
+  }
+  const Matrix D = -Htt.ldlt().solve(Jt.transpose() * Jtau);
+  Matrix S = Matrix::Zero(k_, 2);
+  for (size_t a = 0; a < scale_idx.size(); ++a) S.row(scale_idx[a]) = D.row(a);
+  S.block(2, 0, ns, 2) = dphi_dtau;
+  if (!S.allFinite()) return;
+  covariance_ += S * tail_covariance_ * S.transpose();
+  tail_sensitivity_ = S;
 }
 
 // The scale's bias from the reference's own error, removed. With a multiplicative error
@@ -794,48 +840,58 @@ void ImageRefinement::global_contributions(const Matrix& term1_jacobian,
     out_.R0_curvature[i] = JR.squaredNorm() - HtR.dot(ldlt.solve(HtR));
     out_.R0_gradient[i] = JR.dot(r - expected_r) - HtR.dot(ldlt.solve(gt));
   }
-  // Tail: cost 1/2 sum |z - J U dphi|^2 / k^2 extended by (t, s); reduced over phi.
-  if (work_.profile_model == ProfileModel::kTail) {
-    const int ns = n_shape_;
-    Matrix H = Matrix::Zero(ns + 2, ns + 2);
-    Vector g = Vector::Zero(ns + 2);
-    const double k2 = held_.error_scale * held_.error_scale;
-    for (const ReflectionFit& rf : work_.reflections) {
-      if (!rf.use_shape) continue;
-      const ReflectionStatistics& st = rf.stats;
-      const double J2 = st.J * st.J / k2, J1 = st.J / k2;
-      Matrix U = Matrix::Zero(ns, ns);
-      Vector z(ns);
-      for (int a = 0; a < ns; ++a) {
-        z(a) = st.shape_z[a];
-        for (int b = 0; b < ns; ++b) U(a, b) = st.shape_U[a * kMaxShape + b];
-      }
-      H.topLeftCorner(ns, ns) += J2 * U.transpose() * U;
-      g.head(ns) -= J1 * U.transpose() * z;
-      for (int a = 0; a < ns; ++a)
-        for (int b = 0; b < 2; ++b) {
-          H(a, ns + b) += J2 * st.shape_tail_cross[2 * a + b];
-          H(ns + b, a) += J2 * st.shape_tail_cross[2 * a + b];
-        }
-      H(ns, ns) += J2 * st.tail_information[0];
-      H(ns, ns + 1) += J2 * st.tail_information[1];
-      H(ns + 1, ns) += J2 * st.tail_information[1];
-      H(ns + 1, ns + 1) += J2 * st.tail_information[2];
-      g(ns) -= J1 * st.tail_score[0];
-      g(ns + 1) -= J1 * st.tail_score[1];
-    }
-    const Matrix Hss = H.topLeftCorner(ns, ns), Hst = H.topRightCorner(ns, 2);
-    Eigen::LDLT<Matrix> ldlt(Hss);
-    if (ldlt.info() == Eigen::Success && Hss.allFinite()) {
-      const Matrix reduced = H.bottomRightCorner(2, 2) - Hst.transpose() * ldlt.solve(Hst);
-      const Vector reduced_g = g.tail(2) - Hst.transpose() * ldlt.solve(g.head(ns));
-      out_.tail_gradient[2 * i] = reduced_g(0);
-      out_.tail_gradient[2 * i + 1] = reduced_g(1);
-      out_.tail_curvature[3 * i] = reduced(0, 0);
-      out_.tail_curvature[3 * i + 1] = reduced(0, 1);
-      out_.tail_curvature[3 * i + 2] = reduced(1, 1);
-    }
+  // Tail: the shape's normal equations extended by (t, s), reduced over phi.
+  Matrix H;
+  Vector g;
+  if (!tail_normal_equations(H, g)) return;
+  const int ns = n_shape_;
+  const Matrix Hss = H.topLeftCorner(ns, ns), Hst = H.topRightCorner(ns, 2);
+  Eigen::LDLT<Matrix> ldlt(Hss);
+  if (ldlt.info() == Eigen::Success && Hss.allFinite()) {
+    const Matrix reduced = H.bottomRightCorner(2, 2) - Hst.transpose() * ldlt.solve(Hst);
+    const Vector reduced_g = g.tail(2) - Hst.transpose() * ldlt.solve(g.head(ns));
+    out_.tail_gradient[2 * i] = reduced_g(0);
+    out_.tail_gradient[2 * i + 1] = reduced_g(1);
+    out_.tail_curvature[3 * i] = reduced(0, 0);
+    out_.tail_curvature[3 * i + 1] = reduced(0, 1);
+    out_.tail_curvature[3 * i + 2] = reduced(1, 1);
   }
+}
+
+// The shape cost 1/2 sum |z - J U dphi|^2 / k^2 extended by the tail's (t, s): its Gauss-Newton
+// curvature H ((n_shape + 2) square, phi first) and gradient g over the shape reflections.
+// False when the profile has no tail.
+bool ImageRefinement::tail_normal_equations(Matrix& H, Vector& g) const {
+  if (work_.profile_model != ProfileModel::kTail) return false;
+  const int ns = n_shape_;
+  H = Matrix::Zero(ns + 2, ns + 2);
+  g = Vector::Zero(ns + 2);
+  const double k2 = held_.error_scale * held_.error_scale;
+  for (const ReflectionFit& rf : work_.reflections) {
+    if (!rf.use_shape) continue;
+    const ReflectionStatistics& st = rf.stats;
+    const double J2 = st.J * st.J / k2, J1 = st.J / k2;
+    Matrix U = Matrix::Zero(ns, ns);
+    Vector z(ns);
+    for (int a = 0; a < ns; ++a) {
+      z(a) = st.shape_z[a];
+      for (int b = 0; b < ns; ++b) U(a, b) = st.shape_U[a * kMaxShape + b];
+    }
+    H.topLeftCorner(ns, ns) += J2 * U.transpose() * U;
+    g.head(ns) -= J1 * U.transpose() * z;
+    for (int a = 0; a < ns; ++a)
+      for (int b = 0; b < 2; ++b) {
+        H(a, ns + b) += J2 * st.shape_tail_cross[2 * a + b];
+        H(ns + b, a) += J2 * st.shape_tail_cross[2 * a + b];
+      }
+    H(ns, ns) += J2 * st.tail_information[0];
+    H(ns, ns + 1) += J2 * st.tail_information[1];
+    H(ns + 1, ns) += J2 * st.tail_information[1];
+    H(ns + 1, ns + 1) += J2 * st.tail_information[2];
+    g(ns) -= J1 * st.tail_score[0];
+    g(ns + 1) -= J1 * st.tail_score[1];
+  }
+  return true;
 }
 
 // The loop: pass (per-reflection fits at the held parameters), solve, until every parameter
@@ -1029,22 +1085,31 @@ void ImageRefinement::write_image() const {
   out_.spot_sd[i] = spot_sd_;
 }
 
-// var log(G B_term p pol) of one reflection from the image's covariance (delta method):
-// g' C g, g = d log c / d (G, B, phi, omega, shift) = (1/G, -1/(4d^2), 0, d log(p pol)/d omega,
-// 0), d log p/d omega = -2 eps_r/R0_eff^2 d eps_r/d omega (the geometry's share: 0 when it is
-// not refined). R0's share is added by the caller.
-double ImageRefinement::scale_relative_variance(const ReflectionFit& rf) const {
+// var log I, I = J / (G B_term p pol), of one reflection from the image's parameters (delta
+// method): v' C v with v = d log I / d (G, B, phi, omega, shift) = (-1/G, 1/(4d^2),
+// d log J/d phi, -d log(p pol)/d omega, 0), d log p/d omega = -2 eps_r/R0_eff^2 d eps_r/d omega
+// (the geometry's share: 0 when it is not refined); with a refined tail, J's own dependence on
+// it, a = d log J/d tau|_phi: + 2 v' S C_tau a + a' C_tau a. R0's share is added by the caller.
+double ImageRefinement::parameter_relative_variance(const ReflectionFit& rf) const {
   if (!covariance_ok_ || covariance_.rows() != k_) return 0.0;
-  Vector g = Vector::Zero(k_);
-  g(0) = 1.0 / held_.G;
-  g(1) = -1.0 / (4.0 * rf.pred.d * rf.pred.d);
+  Vector v = Vector::Zero(k_);
+  v(0) = -1.0 / held_.G;
+  v(1) = 1.0 / (4.0 * rf.pred.d * rf.pred.d);
+  const double J = rf.stats.J;
+  const bool profile_share = factored_ && J > 0.0;
+  if (profile_share)
+    for (int s = 0; s < n_shape_; ++s) v(2 + s) = rf.stats.dJ_dphi[s] / J;
   if (geometry_) {
     const GeometryLinearisation& l = rf.geometry_linearisation;
     for (int a = 0; a < 3; ++a)
-      g(2 + n_shape_ + a) = -2.0 * l.excitation_error / l.width_sq * l.excitation_error_gradient[a] +
+      v(2 + n_shape_ + a) = 2.0 * l.excitation_error / l.width_sq * l.excitation_error_gradient[a] -
                             l.polarization_gradient[a] / l.polarization;
   }
-  const double relative = g.dot(covariance_ * g);
+  double relative = v.dot(covariance_ * v);
+  if (profile_share && tail_sensitivity_.rows() == k_) {
+    const Eigen::Vector2d a(rf.stats.dJ_dtail[0] / J, rf.stats.dJ_dtail[1] / J);
+    relative += 2.0 * v.dot(tail_sensitivity_ * (tail_covariance_ * a)) + a.dot(tail_covariance_ * a);
+  }
   return std::isfinite(relative) ? std::max(relative, 0.0) : 0.0;
 }
 
@@ -1087,14 +1152,14 @@ void ImageRefinement::write_reflections() const {
     const double model = scaled && reference ? model_intensity(rf, held_) : kNaN;
     if (std::isinf(model)) flags |= kBadPrediction;
     out_.intensity_model[r] = finite_or_nan(model);
-    // intensity_scaled = J / (G B_term p pol), with the counting sigma and G, B's covariance.
+    // intensity_scaled = J / (G B_term p pol), with the counting sigma and the parameters'.
     const double c = scaled ? intensity_model(held_.G, held_.B, rf.pred.d, rf.partiality,
                                               rf.pred.polarization, 1.0) : kNaN;
     const bool low_p = !(rf.partiality >= options_.min_partiality);
     if (low_p) flags |= kLowPartiality;
     if (integrated && scaled && !low_p && std::isfinite(c) && c != 0.0) {
       const double I = st.J / c;
-      double relative = scale_relative_variance(rf);
+      double relative = parameter_relative_variance(rf);
       if (R0_sigma > 0.0 && held_.R0 > 0.0) {  // d log p / d R0 = 2 eps^2 R0 / R0_eff^4
         const double width_sq = partiality_width_sq(held_.R0, held_.eta, rf.pred.d, work_.wavelength,
                                                     work_.bandwidth);
@@ -1190,6 +1255,13 @@ void validate_options(const RefineOptions& options, const ShoeboxSetView& set) {
   per_crystal(options.R0_sigma, "R0_sigma", true, false);
   for (double t : options.tail_fraction)
     if (!(t < 1.0)) fail("tail_fraction must be < 1");
+  const std::vector<double>& tc = options.tail_covariance;
+  if (!tc.empty() && tc.size() < 3 * size_t(n_crystals))
+    fail("tail_covariance needs 3 entries (tt, ts, ss) per crystal, for " + std::to_string(n_crystals) + " crystals");
+  for (size_t c = 0; c < tc.size(); c += 3)
+    if (!(std::isfinite(tc[c]) && std::isfinite(tc[c + 1]) && std::isfinite(tc[c + 2]) &&
+          tc[c] >= 0.0 && tc[c + 2] >= 0.0 && tc[c + 1] * tc[c + 1] <= tc[c] * tc[c + 2] * (1 + 1e-9)))
+      fail("tail_covariance must be a finite positive semi-definite (tt, ts, ss) per crystal");
   for (double s : options.tail_scale)
     if (!(s > 1.0)) fail("tail_scale must be > 1");
 }

@@ -374,9 +374,14 @@ void solve_local_fit(const Matrix& gram, const GramLayout& L, const Matrix& curv
   st.centre_information[2] = F(1, 1);
   st.centre_score[0] = T(0);
   st.centre_score[1] = T(1);
-  // dJ/dphi_k = (N^-1)_00 T_k - J (N^-1 X'W D_k)_0, with T_k the raw score (see METHODS.md).
+  // dJ/dphi_k = (N^-1)_00 T_k - J (N^-1 X'W D_k)_0, with T_k the raw score (see METHODS.md);
+  // the same for the tail's (t, s).
   for (int k = 0; k < L.n_shape; ++k)
     st.dJ_dphi[k] = N_inverse(0, 0) * T(2 + k) - st.J * N_inverse.row(0).dot(DX.row(2 + k));
+  for (int k = 0; k < L.n_tail; ++k) {
+    const int row = 2 + L.n_shape + k;
+    st.dJ_dtail[k] = N_inverse(0, 0) * T(row) - st.J * N_inverse.row(0).dot(DX.row(row));
+  }
   // Shape and tail with the centre profiled out: Schur complements on the centre block.
   const Eigen::Matrix2d F_cc = F.topLeftCorner(2, 2);
   Eigen::LDLT<Eigen::Matrix2d> centre(F_cc);

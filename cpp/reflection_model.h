@@ -72,6 +72,9 @@ struct RefineOptions {
   std::vector<double> tail_scale;       // s (profile "tail"; empty = 3)
   std::vector<double> G_prior;          // centre of the G prior (empty = no prior)
   std::vector<double> R0_sigma;         // sd of R0, propagated into intensity_scaled (empty = 0)
+  // Per crystal (tt, ts, ss): the covariance of the refined tail (t, s), propagated into G, B
+  // and intensity_scaled (empty = 0: a tail given, or none).
+  std::vector<double> tail_covariance;
   double sigma_G = kInf;                // relative width of the G prior; inf = none
   bool reference_bias_correction = true;  // remove the scale's bias from I_ref's own error
   bool fit_centres = true;              // estimate each spot's centre (else: at c_pred)
@@ -133,6 +136,7 @@ struct ReflectionStatistics {
   double shape_z[kMaxShape] = {0, 0, 0, 0, 0};
   double shape_U[kMaxShape * kMaxShape] = {};  // row-major, upper triangular
   double dJ_dphi[kMaxShape] = {0, 0, 0, 0, 0};
+  double dJ_dtail[2] = {0, 0};  // dJ/d(t, s) at the held shape (the tail's share of G's error)
   // Scores and information of the held (t, s), for the per-crystal global step.
   double tail_score[2] = {0, 0};
   double tail_information[3] = {0, 0, 0};  // (tt, ts, ss)

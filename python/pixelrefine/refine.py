@@ -519,6 +519,9 @@ class _GlobalLoop:
         self.R0_prior = R0_prior
         self.error_model = error_model
         self.G_prior = None
+        # Per crystal (tt, ts, ss): the refined tail's covariance, propagated into each image's
+        # parameters and intensity_scaled (zero while the tail is given or absent).
+        self.tail_covariance = np.zeros((len(crystals.R0), 3))
         _, self.image_crystal = shoeboxes.crystal_index
         self.reflection_crystal = self.image_crystal[shoeboxes.reflections.image_id]
         self.history: list[dict[str, Any]] = []
@@ -529,6 +532,8 @@ class _GlobalLoop:
             options["G_prior"] = list(map(float, self.G_prior))
         if self.error_model == "gain":
             options["read_variance_scale"] = list(map(float, self.crystals.error_scale ** 2))
+        if profile == "tail" and self.refine_tail and "tail_covariance" not in options:
+            options["tail_covariance"] = list(map(float, self.tail_covariance.ravel()))
         return refine_options(objective=self.objective, profile=profile,
                               **self.crystals.core_options(), **options)
 
@@ -734,6 +739,7 @@ class _GlobalLoop:
             c.tail_fraction[i], c.tail_scale[i] = t_new, s_new
             c.tail_fraction_sigma[i] = math.sqrt(cov[0, 0])
             c.tail_scale_sigma[i] = math.sqrt(cov[1, 1]) if np.isfinite(cov[1, 1]) else np.nan
+            self.tail_covariance[i] = np.nan_to_num([cov[0, 0], cov[0, 1], cov[1, 1]])
         return steps
 
     def choose_profile(self, results: Results, requested: str, model: str, round_: int) -> str:

@@ -1256,7 +1256,7 @@ void validate_options(const RefineOptions& options, const ShoeboxSetView& set) {
   for (double t : options.tail_fraction)
     if (!(t < 1.0)) fail("tail_fraction must be < 1");
   const std::vector<double>& tc = options.tail_covariance;
-  if (!tc.empty() && tc.size() < 3 * size_t(n_crystals))
+  if (!tc.empty() && (tc.size() % 3 != 0 || tc.size() < 3 * size_t(n_crystals)))
     fail("tail_covariance needs 3 entries (tt, ts, ss) per crystal, for " + std::to_string(n_crystals) + " crystals");
   for (size_t c = 0; c < tc.size(); c += 3)
     if (!(std::isfinite(tc[c]) && std::isfinite(tc[c + 1]) && std::isfinite(tc[c + 2]) &&

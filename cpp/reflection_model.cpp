@@ -238,6 +238,24 @@ void accumulate_gram(const ImageWork& w, const ReflectionFit& rf, const GramLayo
   accumulate_rows(rows, n, L.size, gram);
 }
 
+// The profile at a known centre: without the widening 2S by the centre's own uncertainty.
+ProfileTensors known_centre_profile(const ImageWork& w, const ReflectionFit& rf,
+                                    const ImageParameters& params) {
+  const double zero[3] = {0.0, 0.0, 0.0};
+  return ProfileTensors(profile_precision(params.phi, zero, rf.pixel_smoothing),
+                        tail_precision(params.phi, zero),
+                        w.profile_model == ProfileModel::kTail ? params.phi[kShapeTail] : 0.0);
+}
+
+// How far from c_pred a spot may lie (pixels): 3 sigma_pos + 1.5 px.
+double centre_reach(const ImageWork& w) { return 3.0 * w.position_sigma_px + 1.5; }
+
+// The positional prior's precision Omega in (e1, e2): delta ~ N(0, sigma_pos^2 D D').
+Eigen::Matrix2d centre_prior_precision(const ReflectionFit& rf, double position_sigma_px) {
+  const Eigen::Matrix2d jac = rf.jacobian();
+  return (position_sigma_px * position_sigma_px * jac * jac.transpose()).inverse();
+}
+
 // The centre's score and information from the profile at a known centre (without the
 // widening 2S by the centre's own uncertainty, which belongs to the profile J is fitted with,
 // not to the likelihood of the centre): a second, smaller Gram matrix of (P, background basis,
@@ -250,11 +268,8 @@ void centre_statistics(const ImageWork& w, ReflectionFit& rf, const ImageParamet
   const Sym2<double> sigma_wide = M_wide.inverse();
   const double trace_S = 2.0 * (rf.S[0] + rf.S[2]);
   if (!(trace_S > 0.01 * (sigma_wide.m11 + sigma_wide.m22))) return;
-  const double zero[3] = {0.0, 0.0, 0.0};
   const bool tail = w.profile_model == ProfileModel::kTail;
-  const ProfileTensors P(profile_precision(params.phi, zero, rf.pixel_smoothing),
-                         tail_precision(params.phi, zero),
-                         tail ? params.phi[kShapeTail] : 0.0);
+  const ProfileTensors P = known_centre_profile(w, rf, params);
   // The design is the pass's (P, background basis, P_n), P at the known centre.
   const int nx = L.n_x, size = nx + 3;
   Matrix gram = Matrix::Zero(size, size);
@@ -376,12 +391,9 @@ void solve_local_fit(const Matrix& gram, const GramLayout& L, const Matrix& curv
   st.centre_score[1] = T(1);
   // dJ/dphi_k = (N^-1)_00 T_k - J (N^-1 X'W D_k)_0, with T_k the raw score (see METHODS.md);
   // the same for the tail's (t, s).
-  for (int k = 0; k < L.n_shape; ++k)
-    st.dJ_dphi[k] = N_inverse(0, 0) * T(2 + k) - st.J * N_inverse.row(0).dot(DX.row(2 + k));
-  for (int k = 0; k < L.n_tail; ++k) {
-    const int row = 2 + L.n_shape + k;
-    st.dJ_dtail[k] = N_inverse(0, 0) * T(row) - st.J * N_inverse.row(0).dot(DX.row(row));
-  }
+  auto dJ_d = [&](int row) { return N_inverse(0, 0) * T(row) - st.J * N_inverse.row(0).dot(DX.row(row)); };
+  for (int k = 0; k < L.n_shape; ++k) st.dJ_dphi[k] = dJ_d(2 + k);
+  for (int k = 0; k < L.n_tail; ++k) st.dJ_dtail[k] = dJ_d(2 + L.n_shape + k);
   // Shape and tail with the centre profiled out: Schur complements on the centre block.
   const Eigen::Matrix2d F_cc = F.topLeftCorner(2, 2);
   Eigen::LDLT<Eigen::Matrix2d> centre(F_cc);
@@ -763,8 +775,7 @@ double update_centre(ReflectionFit& rf, double position_sigma_px, double error_s
   rf.centre_cov[0] = rf.centre_cov[1] = rf.centre_cov[2] = kNaN;
   const Eigen::Matrix2d jac = rf.jacobian();
   const Eigen::Matrix2d jac_inverse = jac.inverse();
-  const Eigen::Matrix2d prior_cov = position_sigma_px * position_sigma_px * jac * jac.transpose();
-  const Eigen::Matrix2d omega = prior_cov.inverse();
+  const Eigen::Matrix2d omega = centre_prior_precision(rf, position_sigma_px);
   const Eigen::Vector2d delta(rf.delta[0], rf.delta[1]);
   Eigen::Matrix2d information = Eigen::Matrix2d::Zero();
   Eigen::Vector2d score = Eigen::Vector2d::Zero();
@@ -866,7 +877,7 @@ void mark_raw_spikes(ImageWork& w, const ReflectionFit& rf, double background) {
 // c_pred (a Newton step from the prediction does not reach a spot that lies several of its
 // widths away, and a fit of J there finds ~0). Returns false when the box shows no such spot.
 bool locate_spot(const ImageWork& w, ReflectionFit& rf) {
-  const double reach = 3.0 * w.position_sigma_px + 1.5;  // how far from c_pred a spot may lie
+  const double reach = centre_reach(w);
   std::vector<double> border;
   const double x0 = rf.bbox[0], x1 = rf.bbox[1], y0 = rf.bbox[2], y1 = rf.bbox[3];
   for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i)
@@ -935,14 +946,11 @@ bool locate_spot(const ImageWork& w, ReflectionFit& rf) {
 bool search_centre(const ImageWork& w, ReflectionFit& rf, const ImageParameters& params) {
   const double b = rf.n_background_parameters > 0 ? rf.stats.background[0] : rf.file_background;
   if (!std::isfinite(b) || !(w.position_sigma_px > 0.0)) return false;
-  const double zero[3] = {0.0, 0.0, 0.0};
   const bool tail = w.profile_model == ProfileModel::kTail;
-  const ProfileTensors P(profile_precision(params.phi, zero, rf.pixel_smoothing),
-                         tail_precision(params.phi, zero), tail ? params.phi[kShapeTail] : 0.0);
+  const ProfileTensors P = known_centre_profile(w, rf, params);
   const Eigen::Matrix2d jac = rf.jacobian();
-  const Eigen::Matrix2d omega =
-      (w.position_sigma_px * w.position_sigma_px * jac * jac.transpose()).inverse();
-  const double reach = 3.0 * w.position_sigma_px + 1.5;
+  const Eigen::Matrix2d omega = centre_prior_precision(rf, w.position_sigma_px);
+  const double reach = centre_reach(w);
   const double window = 4.0 * (std::isfinite(w.spot_sd_px) ? w.spot_sd_px : 1.0) + 2.0;
   auto objective = [&](double d1, double d2, double cx, double cy, double& gain) {
     double spe = 0.0, spp = 0.0;

@@ -604,6 +604,7 @@ def test_centre_estimation_changes_nothing_on_spots_at_their_predictions(recover
     (dict(min_snr_shape=20), TypeError, "min_snr_shape"),
     (dict(not_an_option=1), TypeError, "not_an_option"),
     (dict(tail_covariance=[1e-4, 0.0]), ValueError, "tail_covariance needs 3 entries"),
+    (dict(tail_covariance=[1e-4, 0.0, 1e-3, 1e-4]), ValueError, "tail_covariance needs 3 entries"),
     (dict(tail_covariance=[1e-4, 1e-2, 1e-3]), ValueError, "positive semi-definite"),
     (dict(max_outer="many"), TypeError, "max_outer"),
 ])

@@ -943,7 +943,12 @@ bool locate_spot(const ImageWork& w, ReflectionFit& rf) {
 //   gain(c) = (sum_p w_p P_p(c) (I_p - b))^2 / sum_p w_p P_p(c)^2,  w_p = 1/(b + sigma_read^2),
 // the profile at a known centre and the current background b; moved there when the gain is a
 // 4-sd detection (16) and gain - delta' Omega delta beats the current centre's. METHODS.md §I.6.
+// Tried at most kMaxCentreSearches times per reflection (~10^5 profile evaluations on a 47 px
+// box each; the first passes' background and sigma_pos are not yet the final ones).
+constexpr int kMaxCentreSearches = 3;
 bool search_centre(const ImageWork& w, ReflectionFit& rf, const ImageParameters& params) {
+  if (rf.centre_searches >= kMaxCentreSearches) return false;
+  ++rf.centre_searches;
   const double b = rf.n_background_parameters > 0 ? rf.stats.background[0] : rf.file_background;
   if (!std::isfinite(b) || !(w.position_sigma_px > 0.0)) return false;
   const bool tail = w.profile_model == ProfileModel::kTail;

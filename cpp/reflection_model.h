@@ -215,6 +215,7 @@ struct ReflectionFit {
   // the shape score's adjustment for the centre's profiling (METHODS.md §I.8).
   double centre_posterior[3] = {0, 0, 0};
   bool relocated = false;      // the centre was started again from the counts once
+  int centre_searches = 0;      // how often search_centre was tried (at most kMaxCentreSearches)
   // A neighbour's spot in the box (METHODS.md §I.7): fitted as a second profile of the same
   // shape, amplitude in the local fit, centre (A^-1, (e1, e2) about c_pred) by a Gauss-Newton
   // step per pass; dropped when not significant, found at most kNeighbourTries times.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <stdexcept>
 
@@ -768,8 +769,11 @@ double positional_scatter(const ImageWork& w, double fallback) {
 
 // After a pass: the centre's ML estimate (Term 3) and its MAP update with the positional prior
 // (the held centre and its covariance S for the next pass).
-// Returns the step's size in units of the posterior's sd (Mahalanobis norm).
-double update_centre(ReflectionFit& rf, double position_sigma_px, double error_scale, bool move) {
+// Returns whether the centre is still moving: a step of more than one posterior sd (Mahalanobis
+// norm) and more than kCentreSettledPx. The floor matters where the prior pins the centres
+// (sigma_pos at its 0.005 px floor): there a 1e-4 px step is many sd, and it changes nothing.
+constexpr double kCentreSettledPx = 0.01;
+bool update_centre(ReflectionFit& rf, double position_sigma_px, double error_scale, bool move) {
   const ReflectionStatistics& st = rf.stats;
   rf.centre_px[0] = rf.centre_px[1] = kNaN;
   rf.centre_cov[0] = rf.centre_cov[1] = rf.centre_cov[2] = kNaN;
@@ -796,7 +800,7 @@ double update_centre(ReflectionFit& rf, double position_sigma_px, double error_s
   std::fill(rf.centre_posterior, rf.centre_posterior + 3, 0.0);
   if (!move) {  // centres held at the prediction: the ML estimate only (Term 3)
     rf.centre_sd_px = 0.0;
-    return 0.0;
+    return false;
   }
   const Eigen::Matrix2d posterior = (information + omega).inverse();
   if (posterior.allFinite()) store_sym(posterior, rf.centre_posterior);
@@ -817,7 +821,7 @@ double update_centre(ReflectionFit& rf, double position_sigma_px, double error_s
   store_sym(posterior * omega * posterior, rf.S);
   const Eigen::Matrix2d precision = information + omega;
   const double size = std::sqrt(std::max(step.dot(precision * step), 0.0));
-  return std::isfinite(size) ? size : 0.0;
+  return size > 1.0 && (jac_inverse * step).norm() > kCentreSettledPx;
 }
 
 // After a pass: a modelled neighbour's centre moved by a Gauss-Newton step (c_n += F^-1 T / J_n,
@@ -943,49 +947,77 @@ bool locate_spot(const ImageWork& w, ReflectionFit& rf) {
 //   gain(c) = (sum_p w_p P_p(c) (I_p - b))^2 / sum_p w_p P_p(c)^2,  w_p = 1/(b + sigma_read^2),
 // the profile at a known centre and the current background b; moved there when the gain is a
 // 4-sd detection (16) and gain - delta' Omega delta beats the current centre's. METHODS.md §I.6.
-// Tried at most kMaxCentreSearches times per reflection (~10^5 profile evaluations on a 47 px
-// box each; the first passes' background and sigma_pos are not yet the final ones).
+// The scan over pixel centres takes the profile from a table over integer pixel offsets
+// (eps_p - eps_c = D (x_p - x_c), D at c_pred: one profile evaluation per offset, not per
+// pixel and candidate); the best candidate and the current centre are then evaluated exactly.
+// Tried at most kMaxCentreSearches times per reflection (the first passes' background and
+// sigma_pos are not yet the final ones).
 constexpr int kMaxCentreSearches = 3;
+
+// The matched-filter sums (sum w P (I - b), sum w P^2) over the pixels within `window` of
+// pixel centre (cx, cy), the profile from `profile(i)`.
+template <typename Profile>
+std::pair<double, double> matched_filter(const ImageWork& w, const ReflectionFit& rf, double b,
+                                         double cx, double cy, double window, Profile profile) {
+  double spe = 0.0, spp = 0.0;
+  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
+    if (!w.used[i] || std::abs(w.x[i] - cx) > window || std::abs(w.y[i] - cy) > window) continue;
+    const double weight = 1.0 / std::max(b + w.read_noise_sq[i], 1.0);
+    const double p = w.area[i] * profile(i);
+    spe += weight * p * (w.counts[i] - b);
+    spp += weight * p * p;
+  }
+  return {spe, spp};
+}
+
 bool search_centre(const ImageWork& w, ReflectionFit& rf, const ImageParameters& params) {
   if (rf.centre_searches >= kMaxCentreSearches) return false;
   ++rf.centre_searches;
   const double b = rf.n_background_parameters > 0 ? rf.stats.background[0] : rf.file_background;
   if (!std::isfinite(b) || !(w.position_sigma_px > 0.0)) return false;
-  const bool tail = w.profile_model == ProfileModel::kTail;
   const ProfileTensors P = known_centre_profile(w, rf, params);
-  const Eigen::Matrix2d jac = rf.jacobian();
+  const double* D = rf.pixel_jacobian;
   const Eigen::Matrix2d omega = centre_prior_precision(rf, w.position_sigma_px);
   const double reach = centre_reach(w);
   const double window = 4.0 * (std::isfinite(w.spot_sd_px) ? w.spot_sd_px : 1.0) + 2.0;
-  auto objective = [&](double d1, double d2, double cx, double cy, double& gain) {
-    double spe = 0.0, spp = 0.0;
-    for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-      if (!w.used[i] || std::abs(w.x[i] - cx) > window || std::abs(w.y[i] - cy) > window) continue;
-      const double weight = 1.0 / std::max(b + w.read_noise_sq[i], 1.0);
-      const double p = w.area[i] * pixel_derivatives(w.eps1[i] - d1, w.eps2[i] - d2,
-                                                     rf.pixel_jacobian, w.subpixels, P, tail).value;
-      spe += weight * p * (w.counts[i] - b);
-      spp += weight * p * p;
-    }
-    gain = spe > 0.0 && spp > 0.0 ? spe * spe / spp : 0.0;
+  auto penalised = [&](double d1, double d2, std::pair<double, double> sums, double& gain) {
+    gain = sums.first > 0.0 && sums.second > 0.0 ? sums.first * sums.first / sums.second : 0.0;
     const Eigen::Vector2d d(d1, d2);
     return gain - d.dot(omega * d);
   };
-  const Eigen::Vector2d at = jac.inverse() * Eigen::Vector2d(rf.delta[0], rf.delta[1]);
+  auto exact = [&](double d1, double d2, double cx, double cy, double& gain) {
+    return penalised(d1, d2, matched_filter(w, rf, b, cx, cy, window, [&](int64_t i) {
+      return pixel_density(w.eps1[i] - d1, w.eps2[i] - d2, D, w.subpixels, P.M, P.M_tail, P.tail);
+    }), gain);
+  };
+  // The profile at integer offsets (dx, dy), |dx|, |dy| <= half.
+  const int half = int(std::floor(window));
+  const int side = 2 * half + 1;
+  thread_local std::vector<double> table;
+  table.assign(size_t(side) * side, 0.0);
+  for (int dy = -half; dy <= half; ++dy)
+    for (int dx = -half; dx <= half; ++dx)
+      table[size_t(dy + half) * side + (dx + half)] =
+          pixel_density(D[0] * dx + D[1] * dy, D[2] * dx + D[3] * dy, D, w.subpixels, P.M, P.M_tail, P.tail);
+  const Eigen::Vector2d at = rf.jacobian().inverse() * Eigen::Vector2d(rf.delta[0], rf.delta[1]);
   double gain = 0.0;
-  const double current = objective(rf.delta[0], rf.delta[1], rf.pred.x + at(0), rf.pred.y + at(1), gain);
-  double best = current, best_gain = 0.0;
+  const double current = exact(rf.delta[0], rf.delta[1], rf.pred.x + at(0), rf.pred.y + at(1), gain);
+  double best = -std::numeric_limits<double>::infinity();
   int64_t best_pixel = -1;
-  for (int64_t i = rf.pixel_begin; i < rf.pixel_end; ++i) {
-    if (!w.used[i] || std::hypot(w.x[i] - rf.pred.x, w.y[i] - rf.pred.y) > reach) continue;
-    const double value = objective(w.eps1[i], w.eps2[i], w.x[i], w.y[i], gain);
+  for (int64_t k = rf.pixel_begin; k < rf.pixel_end; ++k) {
+    if (!w.used[k] || std::hypot(w.x[k] - rf.pred.x, w.y[k] - rf.pred.y) > reach) continue;
+    const double value = penalised(w.eps1[k], w.eps2[k], matched_filter(w, rf, b, w.x[k], w.y[k], window, [&](int64_t i) {
+      const long dx = std::lround(w.x[i] - w.x[k]), dy = std::lround(w.y[i] - w.y[k]);
+      return table[size_t(dy + half) * side + size_t(dx + half)];
+    }), gain);
     if (value > best) {
       best = value;
-      best_gain = gain;
-      best_pixel = i;
+      best_pixel = k;
     }
   }
-  if (best_pixel < 0 || !(best_gain >= 16.0)) return false;
+  if (best_pixel < 0) return false;
+  const double found = exact(w.eps1[best_pixel], w.eps2[best_pixel], w.x[best_pixel], w.y[best_pixel], gain);
+  if (!(found > current) || !(gain >= 16.0)) return false;
   rf.delta[0] = w.eps1[best_pixel];
   rf.delta[1] = w.eps2[best_pixel];
   return true;
@@ -1323,7 +1355,7 @@ void fit_reflections(ImageWork& work, const ImageParameters& params, const Refin
       ++located;
       continue;
     }
-    moving += update_centre(rf, work.position_sigma_px, params.error_scale, options.fit_centres) > 1.0;
+    moving += update_centre(rf, work.position_sigma_px, params.error_scale, options.fit_centres);
     update_neighbour(work, rf);
     ++located;
     // The weights' amplitude: the reference's expectation J_model, unless the reflection has

@@ -260,7 +260,7 @@ struct ImageWork {
   std::vector<double> neighbour_counts;  // a modelled neighbour's J_n P_n of the last pass (else 0)
   double position_sigma_px = 0.5;    // rms offset of spots from prediction (pixels), held
   int subpixels = 1;                 // n: the profile is averaged over n x n points per pixel
-  double centre_moving = 0.0;        // fraction of centres that moved > 1 posterior sd last pass
+  double centre_moving = 0.0;        // fraction of centres still moving last pass (update_centre)
   double spot_sd_px = kNaN;          // the core's sd along its narrow axis (pixels), held
 };
 

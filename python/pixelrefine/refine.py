@@ -423,6 +423,12 @@ def _mixture_log_terms(e2: np.ndarray, v0: np.ndarray, m2: np.ndarray, f2: float
 #: (METHODS.md §I.4).
 MIN_TAIL_FRACTION = 0.02
 
+#: The images' stopping tolerance (in units of each parameter's sigma) in the global rounds
+#: before the last: their per-crystal values still move, so converging the images to the full
+#: `outer_tolerance` there is wasted. Once the per-crystal steps settle, one round more at the
+#: full tolerance gives the results written (METHODS.md §I.12).
+EARLY_OUTER_TOLERANCE = 0.5
+
 #: 2Δlog L per reflection above which the mixture replaces the single Gaussian.
 MIXTURE_GAIN_PER_REFLECTION = 0.04
 
@@ -526,8 +532,13 @@ class _GlobalLoop:
         self.reflection_crystal = self.image_crystal[shoeboxes.reflections.image_id]
         self.history: list[dict[str, Any]] = []
 
-    def core_options(self, profile: str) -> "_core.RefineOptions":
+    def core_options(self, profile: str, final: bool = True) -> "_core.RefineOptions":
+        """The core's options for a round of the image fits; `final` False: a round before the
+        last, the images converged only to EARLY_OUTER_TOLERANCE."""
         options = dict(self.options)
+        tolerance = float(options.get("outer_tolerance", _core.RefineOptions().outer_tolerance))
+        if not final:
+            options["outer_tolerance"] = max(tolerance, EARLY_OUTER_TOLERANCE)
         if self.G_prior is not None and "G_prior" not in options:
             options["G_prior"] = list(map(float, self.G_prior))
         if self.error_model == "gain":
@@ -583,8 +594,10 @@ class _GlobalLoop:
         # "auto-gaussian" (the per-pixel objective) starts from the anisotropic Gaussian.
         model = {"auto": "tail", "auto-gaussian": "anisotropic"}.get(profile, profile)
         results = None
+        settling = False  # the per-crystal steps settled after a round at the early tolerance
         for round_ in range(1, max_global + 1):
-            opts = self.core_options(model)
+            final = settling or round_ == max_global
+            opts = self.core_options(model, final=final)
             results = self.allocate(opts, results)
             self.refine_images(opts, results, f"refine ({self.objective}, round {round_})")
             first_prior = self.G_prior is None
@@ -592,13 +605,17 @@ class _GlobalLoop:
             changes = self.step(results, model)
             if first_prior and self.G_prior is not None:
                 changes["settled"] = False  # the prior is on from the next round
-            self.history.append({"round": round_, "profile": model, **changes})
+            self.history.append({"round": round_, "profile": model,
+                                 "outer_tolerance": opts.outer_tolerance, **changes})
             chosen = self.choose_profile(results, profile, model, round_)
-            if chosen != model:
+            if chosen != model:  # the per-crystal values are near settled by then
                 model = chosen
+                settling = True
                 continue
             if changes["settled"]:
-                break
+                if final:
+                    break
+                settling = True
         self.finish(results, model)
         return results
 

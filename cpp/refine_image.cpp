@@ -246,10 +246,6 @@ void ImageRefinement::start() {
   held_ = starting_parameters(set_, image_, options_, out_);
   update_geometry(work_, held_);
   geometry_at_ = held_;
-  // Warm start of the positional prior's width (the centres' prior and the widening S start
-  // from it); the previous round's estimate, where there is one.
-  const double position_sigma = out_.position_sigma[image_];
-  if (std::isfinite(position_sigma) && position_sigma > 0.0) work_.position_sigma_px = position_sigma;
   initialise_reflections(work_, options_);
   for (ReflectionFit& rf : work_.reflections) {  // warm start of the per-reflection state
     const double* delta = out_.centre_offset + 2 * rf.row;

@@ -1006,10 +1006,12 @@ bool search_centre(const ImageWork& w, ReflectionFit& rf, const ImageParameters&
   int64_t best_pixel = -1;
   for (int64_t k = rf.pixel_begin; k < rf.pixel_end; ++k) {
     if (!w.used[k] || std::hypot(w.x[k] - rf.pred.x, w.y[k] - rf.pred.y) > reach) continue;
-    const double value = penalised(w.eps1[k], w.eps2[k], matched_filter(w, rf, b, w.x[k], w.y[k], window, [&](int64_t i) {
+    const auto sums = matched_filter(w, rf, b, w.x[k], w.y[k], window, [&](int64_t i) {
       const long dx = std::lround(w.x[i] - w.x[k]), dy = std::lround(w.y[i] - w.y[k]);
+      if (std::abs(dx) > half || std::abs(dy) > half) return 0.0;  // pixel centres off the lattice
       return table[size_t(dy + half) * side + size_t(dx + half)];
-    }), gain);
+    });
+    const double value = penalised(w.eps1[k], w.eps2[k], sums, gain);
     if (value > best) {
       best = value;
       best_pixel = k;

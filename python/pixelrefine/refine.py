@@ -536,8 +536,8 @@ class _GlobalLoop:
         """The core's options for a round of the image fits; `final` False: a round before the
         last, the images converged only to EARLY_OUTER_TOLERANCE."""
         options = dict(self.options)
-        tolerance = float(options.get("outer_tolerance", _core.RefineOptions().outer_tolerance))
         if not final:
+            tolerance = float(options.get("outer_tolerance", _core.RefineOptions().outer_tolerance))
             options["outer_tolerance"] = max(tolerance, EARLY_OUTER_TOLERANCE)
         if self.G_prior is not None and "G_prior" not in options:
             options["G_prior"] = list(map(float, self.G_prior))
